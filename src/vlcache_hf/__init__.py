@@ -1,0 +1,31 @@
+"""vlcache-hf: reuse vision-encoder outputs and KV caches of repeated images in Hugging Face VLMs.
+
+    from vlcache_hf import VLCache, CacheStore
+    store = CacheStore()
+    out = model.generate(**inputs, past_key_values=VLCache(model, store=store), max_new_tokens=64)
+"""
+
+from .cache import VLCache, VLCacheLayer, default_store
+from .errors import UnsupportedModelError, VLCacheError
+from .metrics import PrefillReport, PrefillTimings
+from .models import supported_families
+from .selection import POLICIES, SelectionPolicy, register_policy
+from .store.store import CacheStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "CacheStore",
+    "PrefillReport",
+    "PrefillTimings",
+    "SelectionPolicy",
+    "UnsupportedModelError",
+    "VLCache",
+    "VLCacheError",
+    "VLCacheLayer",
+    "__version__",
+    "default_store",
+    "register_policy",
+    "supported_families",
+]

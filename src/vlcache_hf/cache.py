@@ -1,0 +1,123 @@
+"""`VLCache`: a `transformers.Cache` for one request that fills itself from a shared `CacheStore`.
+
+Hand it to `model.generate(..., past_key_values=VLCache(model, store))`. On the prefill call a forward
+pre-hook (see `hook.py`) plans the request, loads what the store holds, recomputes what the policy selects,
+and leaves the final prompt token to the model's own forward; from then on the cache behaves like a
+`DynamicCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import encoder, hook
+from .fingerprint import fingerprint
+from .metrics import PrefillReport
+from .models import get_adapter
+from .selection import LayerObservation, SelectionPolicy, make_policy
+from .store.store import CacheStore
+
+DEFAULT_PREFIX_CHUNK = 64
+_default_store: CacheStore | None = None
+
+
+def default_store() -> CacheStore:
+    """The process-wide store used when `VLCache` is given none, so plain `VLCache(model)` still shares."""
+    global _default_store
+    if _default_store is None:
+        _default_store = CacheStore()
+    return _default_store
+
+
+class VLCacheLayer(DynamicLayer):
+    """A `DynamicLayer` that can also take scatter writes into preloaded full-length buffers.
+
+    During the selective prefill, `begin_write(indices)` makes the next `update` write the given rows of the
+    buffers and return the whole buffers (so the recomputed queries attend to every prompt token). Outside
+    that window it appends like a `DynamicLayer`, which is what decoding needs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._write_index: torch.Tensor | None = None
+        self._capture = False
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._written: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+
+    def begin_write(self, indices: torch.Tensor, capture_previous: bool = False) -> None:
+        self._write_index, self._capture = indices, capture_previous
+
+    def end_write(self, layer_idx: int) -> LayerObservation | None:
+        observation = None
+        if self._capture and self._previous is not None and self._written is not None:
+            observation = LayerObservation(layer_idx, self._write_index, *self._written, *self._previous)
+        self._write_index, self._capture, self._previous, self._written = None, False, None, None
+        return observation
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        index = self._write_index
+        if index is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if self._capture:
+            self._previous = (self.keys.index_select(2, index), self.values.index_select(2, index))
+            self._written = (key_states, value_states)
+        self.keys.index_copy_(2, index, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, index, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+
+class VLCache(Cache):
+    """One request's KV cache, filled from (and published to) a shared `CacheStore`.
+
+    Args:
+        model: a supported vision-language model (see `vlcache_hf.models.supported_families()`).
+        store: where encoder outputs and K/V live across requests; defaults to one process-wide in-memory store.
+        policy: `"none"` (reuse stored K/V, recompute only what is missing), `"full"` (recompute every token,
+            reuse only encoder outputs), or any registered `SelectionPolicy` name or instance.
+        recompute_ratio: share of reused non-prefix tokens to recompute, in [0, 1] (used by selective policies).
+        prefix_chunk_size: granularity, in tokens, of exact prefix reuse.
+        publish: write this request's new encoder outputs and K/V to the store.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        store: CacheStore | None = None,
+        policy: str | SelectionPolicy = "none",
+        recompute_ratio: float = 0.0,
+        prefix_chunk_size: int = DEFAULT_PREFIX_CHUNK,
+        publish: bool = True,
+    ):
+        self.adapter = get_adapter(model)
+        self.policy = make_policy(policy, recompute_ratio)
+        if not isinstance(prefix_chunk_size, int) or prefix_chunk_size < 1:
+            raise ValueError(f"prefix_chunk_size must be a positive int, got {prefix_chunk_size!r}")
+        self.model = model
+        self.store = store if store is not None else default_store()
+        self.recompute_ratio = float(recompute_ratio)
+        self.prefix_chunk_size = prefix_chunk_size
+        self.publish = publish
+        self.fingerprint = fingerprint(model)
+        self.report: PrefillReport | None = None
+        self.is_prefilled = False
+        super().__init__(layers=[VLCacheLayer() for _ in range(self.adapter.kv_layout.num_layers)])
+        hook.install(model)
+        encoder.install(self.adapter)
+        encoder.arm(self)
+
+    def mark_prefilled(self) -> None:
+        self.is_prefilled = True
+        encoder.disarm(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"VLCache(policy={self.policy.name!r}, recompute_ratio={self.recompute_ratio}, "
+            f"tokens={self.get_seq_length()}, store={self.store!r})"
+        )

@@ -1,0 +1,139 @@
+"""The encoder cache: vision-encoder outputs reused by image content, so a seen image never re-runs the ViT.
+
+Since transformers 5.18, `generate` encodes images *before* the first forward (`mm_encoder_outputs`) by
+calling the base model's `get_image_features`; no public hook lets a caller skip that call. We therefore
+wrap `get_image_features` on the model *instance* (never the class, never `forward`). The wrapper is inert
+unless a `VLCache` of this model is armed (created and not yet prefilled): then it looks every image up in
+that cache's store, runs the original encoder on the misses only, and tags its output with the images'
+content keys so the prefill can find their K/V.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .errors import EntryMismatchError
+from .models import ModelAdapter
+from .store.entry import EncoderEntry
+from .store.keys import ENCODER_KIND, digest, entry_key, image_key_from_pixels, tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+FEATURES_ATTR = "vlcache_features"
+_ORIGINAL_ATTR = "_vlcache_original_get_image_features"
+_armed: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class ImageFeatures:
+    """Per-image encoder outputs of one request, with where they came from."""
+
+    embeddings: list[torch.Tensor]
+    keys: list[str]
+    hits: list[bool]
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_image(self) -> list[int]:
+        return [int(e.shape[0]) for e in self.embeddings]
+
+
+def install(adapter: ModelAdapter) -> None:
+    """Wrap the model's `get_image_features` once (idempotent)."""
+    owner = adapter.image_feature_owner()
+    if hasattr(owner, _ORIGINAL_ATTR):
+        return
+    original = owner.get_image_features
+    setattr(owner, _ORIGINAL_ATTR, original)
+
+    def get_image_features(pixel_values: torch.Tensor, image_grid_thw: Any = None, **kwargs: Any):
+        cache_ref = _armed.get(owner)
+        cache = cache_ref() if cache_ref is not None else None
+        if cache is None:
+            return original(pixel_values, image_grid_thw, **kwargs)
+        return_dict = kwargs.pop("return_dict", True)
+        features = encode_images(cache.adapter, cache.store, cache.fingerprint, pixel_values, image_grid_thw, **kwargs)
+        output = BaseModelOutputWithPooling(pooler_output=tuple(features.embeddings))
+        setattr(output, FEATURES_ATTR, features)
+        return output if return_dict else output.to_tuple()
+
+    owner.get_image_features = get_image_features
+
+
+def arm(cache: Any) -> None:
+    """Route the model's image encoding through `cache`'s store until `disarm`."""
+    _armed[cache.adapter.image_feature_owner()] = weakref.ref(cache)
+
+
+def disarm(cache: Any) -> None:
+    owner = cache.adapter.image_feature_owner()
+    ref = _armed.get(owner)
+    if ref is not None and ref() is cache:
+        del _armed[owner]
+
+
+def original_encoder(adapter: ModelAdapter):
+    owner = adapter.image_feature_owner()
+    return getattr(owner, _ORIGINAL_ATTR, owner.get_image_features)
+
+
+def _vision_dtype(adapter: ModelAdapter) -> torch.dtype:
+    return next(adapter.vision_tower.parameters()).dtype
+
+
+def encode_images(
+    adapter: ModelAdapter,
+    store: Any,
+    fingerprint: str,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    image_keys: list[str] | None = None,
+    **kwargs: Any,
+) -> ImageFeatures:
+    """Encoder outputs of every image: stored ones loaded, the rest computed in one encoder call and stored."""
+    start = time.perf_counter()
+    device = pixel_values.device
+    pixels = adapter.split_pixels(pixel_values, image_grid_thw)
+    grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
+    keys = image_keys or [image_key_from_pixels(p, g) for p, g in zip(pixels, grids)]
+    hidden, dtype = adapter.hidden_size, _vision_dtype(adapter)
+
+    embeddings: list[torch.Tensor | None] = []
+    for key in keys:
+        store_key = entry_key(ENCODER_KIND, fingerprint, key)
+        stored = store.get(store_key)
+        entry = None
+        if stored is not None:
+            try:
+                entry = EncoderEntry.from_stored(stored, fingerprint, hidden, dtype)
+            except EntryMismatchError as err:
+                logger.warning("dropping encoder entry %s: %s", store_key[:16], err)
+                store.discard(store_key)
+        embeddings.append(entry.embeddings.to(device, non_blocking=True) if entry is not None else None)
+
+    hits = [e is not None for e in embeddings]
+    missing = [i for i, hit in enumerate(hits) if not hit]
+    if missing:
+        grid = image_grid_thw[missing]
+        output = original_encoder(adapter)(torch.cat([pixels[i] for i in missing]), grid, return_dict=True, **kwargs)
+        for i, emb in zip(missing, output.pooler_output):
+            embeddings[i] = emb
+            entry = EncoderEntry(emb.detach(), grids[i])  # type: ignore[arg-type]
+            store.put(entry_key(ENCODER_KIND, fingerprint, keys[i]), entry.to_stored(fingerprint))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return ImageFeatures(embeddings, keys, hits, time.perf_counter() - start)  # type: ignore[arg-type]
+
+
+def features_from_embeddings(embeddings: list[torch.Tensor]) -> ImageFeatures:
+    """Features for precomputed embeddings passed by the caller: keyed by the embeddings' own bytes."""
+    keys = [digest("image-embeddings", tensor_bytes(e)) for e in embeddings]
+    return ImageFeatures(list(embeddings), keys, [False] * len(embeddings))

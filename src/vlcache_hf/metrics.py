@@ -1,0 +1,60 @@
+"""`PrefillReport`: what one request reused, recomputed and spent time on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class PrefillTimings:
+    """Wall-clock seconds of each prefill phase (CUDA work is synchronised at phase boundaries)."""
+
+    encoder_s: float = 0.0
+    store_load_s: float = 0.0
+    rerotation_s: float = 0.0
+    prefill_s: float = 0.0
+    publish_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class PrefillReport:
+    """Token and cache accounting of one request's prefill.
+
+    `reused_tokens + recomputed_tokens == total_tokens`. A token counts as recomputed if any layer computed
+    it; the final prompt token is always computed (by the model's own forward, which yields the first
+    logits). `recomputed_per_layer[l]` is how many tokens layer l computed. `kv_hits` / `kv_misses` count
+    images whose K/V was / was not found (inside an exact prefix hit or as a stored image span); policy
+    "full" looks nothing up and reports 0 for both.
+    """
+
+    policy: str
+    total_tokens: int
+    reused_tokens: int
+    prefix_tokens: int
+    recomputed_tokens: int
+    recomputed_per_layer: list[int]
+    image_tokens: int
+    images: int
+    encoder_hits: int
+    encoder_misses: int
+    kv_hits: int
+    kv_misses: int
+    timings: PrefillTimings = field(default_factory=PrefillTimings)
+
+    @property
+    def recomputed_fraction(self) -> float:
+        return self.recomputed_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        t = self.timings
+        return (
+            f"{self.total_tokens} tokens: {self.reused_tokens} reused ({self.prefix_tokens} as exact prefix), "
+            f"{self.recomputed_tokens} computed; images {self.images}: encoder {self.encoder_hits} hit / "
+            f"{self.encoder_misses} miss, KV {self.kv_hits} hit / {self.kv_misses} miss; "
+            f"encoder {t.encoder_s * 1e3:.1f} ms, load {t.store_load_s * 1e3:.1f} ms, "
+            f"re-rotate {t.rerotation_s * 1e3:.1f} ms, prefill {t.prefill_s * 1e3:.1f} ms"
+        )

@@ -1,0 +1,139 @@
+"""`ModelAdapter`: everything vlcache-hf needs to know about one model family.
+
+The rest of the library talks to models only through this interface, so a new family is one new file in
+`models/` and nothing else changes. An adapter is stateless; it is created per model by `get_adapter`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the per-layer KV cache: what a stored KV entry must match."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.num_layers, self.num_kv_heads, self.head_dim)
+
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+class ModelAdapter(ABC):
+    """Family-specific access to a vision-language model's pieces."""
+
+    #: names shown in errors and the README
+    family: str = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- recognising a model -------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True if this adapter serves `model`."""
+
+    # -- the language model's pieces -----------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList: ...
+
+    @abstractmethod
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def rotary_cos_sin(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for `position_ids` ([num_axes, 1, n]) as the decoder layers consume them."""
+
+    @abstractmethod
+    def rotation_cos_sin(self, like: torch.Tensor, delta_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pure rotation (no attention scaling) by `delta_positions` ([num_axes, n]), for re-rotating keys."""
+
+    @property
+    @abstractmethod
+    def kv_layout(self) -> KVLayout: ...
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    @property
+    def attn_implementation(self) -> str:
+        return str(self.model.config._attn_implementation)
+
+    # -- positions -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def prompt_positions(self, model_kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions of every prompt token as the model would use them: [num_axes, 1, L]."""
+
+    @abstractmethod
+    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+        """`position_ids` to hand the model's own forward for the final prompt token."""
+
+    def after_prefill(self, positions: torch.Tensor, num_tokens: int) -> None:
+        """Set any model state that decoding steps read (e.g. Qwen's `rope_deltas`)."""
+
+    # -- images --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def split_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per-image slices of a batch's `pixel_values`."""
+
+    @abstractmethod
+    def image_feature_owner(self) -> nn.Module:
+        """The module whose `get_image_features` `generate` and `forward` call (the encoder entry point)."""
+
+    @property
+    @abstractmethod
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder module (tests count its calls)."""
+
+    # -- calling decoder layers ----------------------------------------------------------------------------
+    def cache_kwarg_name(self) -> str:
+        """Transformers renamed `past_key_values` to `cache` in decoder layers (5.2x); accept both."""
+        params = inspect.signature(self.decoder_layers[0].forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def run_decoder_layer(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        cache: object,
+    ) -> torch.Tensor:
+        layer: Callable = self.decoder_layers[layer_idx]
+        out = layer(
+            hidden,
+            attention_mask=attention_mask,
+            position_embeddings=cos_sin,
+            position_ids=None,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    @property
+    def _cache_kwarg(self) -> str:
+        name = getattr(self, "_cache_kwarg_name", None)
+        if name is None:
+            name = self._cache_kwarg_name = self.cache_kwarg_name()
+        return name

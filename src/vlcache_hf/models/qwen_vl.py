@@ -1,0 +1,110 @@
+"""Qwen2-VL and Qwen2.5-VL: multimodal RoPE (M-RoPE) with three position axes (time, height, width).
+
+Quirks handled here:
+- positions come from `get_rope_index` (or `generate`'s precomputed 4-row `position_ids`: a text row used
+  for masks, then the three M-RoPE rows);
+- `model.model.rope_deltas` must hold (max position + 1 - prompt length) for decoding steps;
+- moving a whole image shifts all three axes by the same amount, so re-rotation is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import KVLayout, ModelAdapter
+
+
+class QwenVLAdapter(ModelAdapter):
+    """Adapter for `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`."""
+
+    family = "Qwen2-VL / Qwen2.5-VL"
+    MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        inner = getattr(model, "model", None)
+        return (
+            getattr(config, "model_type", None) in cls.MODEL_TYPES
+            and inner is not None
+            and hasattr(inner, "language_model")
+            and hasattr(inner, "visual")
+        )
+
+    @property
+    def _text(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def _text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._text.layers
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._text.embed_tokens(input_ids)
+
+    def rotary_cos_sin(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._text.rotary_emb(like, position_ids)
+
+    def rotation_cos_sin(self, like: torch.Tensor, delta_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self._text.rotary_emb
+        cos, sin = rotary(like.float(), delta_positions[:, None, :].to(like.device))
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        return cos / scale, sin / scale
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        cfg = self._text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, self.model.dtype)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    # -- positions -----------------------------------------------------------------------------------------
+    def prompt_positions(self, model_kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
+        given = model_kwargs.get("position_ids")
+        if given is not None:
+            if given.ndim == 3 and given.shape[0] == 4:  # generate's [text row, t, h, w]
+                return given[1:]
+            if given.ndim == 2:
+                return given[None].expand(3, -1, -1)
+            return given
+        grid = model_kwargs.get("image_grid_thw")
+        token_types = model_kwargs.get("mm_token_type_ids")
+        if grid is None or token_types is None:
+            length = input_ids.shape[1]
+            return torch.arange(length, device=input_ids.device).view(1, 1, -1).expand(3, 1, -1)
+        positions, _ = self.model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=token_types,
+            image_grid_thw=grid,
+            attention_mask=model_kwargs.get("attention_mask"),
+        )
+        return positions
+
+    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+        given = model_kwargs.get("position_ids")
+        source = given if given is not None else positions
+        return source[..., -1:].contiguous()
+
+    def after_prefill(self, positions: torch.Tensor, num_tokens: int) -> None:
+        delta = positions.max() + 1 - num_tokens
+        self.model.model.rope_deltas = delta.view(1, 1).to(torch.long)
+
+    # -- images --------------------------------------------------------------------------------------------
+    def split_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        sizes = grid_thw.prod(-1).tolist()
+        return list(torch.split(pixel_values, sizes))
+
+    def image_feature_owner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual

@@ -1,0 +1,126 @@
+"""Selective prefill: run the decoder layers on the recompute set only, over full-length K/V buffers.
+
+Queries are the recompute tokens; keys/values are the whole prompt's buffers, which start out holding the
+reused K/V and receive the fresh K/V of each layer's recompute set as the layer runs (`VLCacheLayer` does
+the scatter write). The causal mask is built by position in the full sequence. With the recompute set = all
+tokens this is the model's own prefill; with a 2 % set a layer costs about 2 % of its full prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import KVLayout, ModelAdapter
+from .rope import apply_rotation, position_delta
+from .selection import SelectionContext, SelectionPolicy
+from .store.entry import KVEntry
+
+
+def allocate_buffers(layout: KVLayout, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """One [num_layers, 2, 1, kv_heads, num_tokens, head_dim] block; rows are filled before they are read."""
+    return torch.empty(
+        (layout.num_layers, 2, 1, layout.num_kv_heads, num_tokens, layout.head_dim), dtype=layout.dtype, device=device
+    )
+
+
+def fill_prefix(buffers: torch.Tensor, entries: list[KVEntry], chunk_size: int) -> None:
+    """Copy exact prefix chunks into rows [0, len(entries) * chunk_size)."""
+    for index, entry in enumerate(entries):
+        start = index * chunk_size
+        buffers[:, :, 0, :, start : start + chunk_size] = entry.kv.to(buffers.device, non_blocking=True)
+
+
+def fill_moved(
+    adapter: ModelAdapter,
+    buffers: torch.Tensor,
+    entry: KVEntry,
+    entry_offset: int,
+    start: int,
+    end: int,
+    new_positions: torch.Tensor,
+) -> None:
+    """Copy a stored span into rows [start, end), its keys re-rotated from their stored to their new positions.
+
+    `entry_offset` skips the entry's first rows when the span's start lies inside an exact prefix.
+    """
+    count = end - start
+    kv = entry.kv[:, :, :, entry_offset : entry_offset + count].to(buffers.device, non_blocking=True)
+    old = entry.positions[:, entry_offset : entry_offset + count]
+    delta = position_delta(new_positions[:, 0, start:end], old)
+    if bool((delta == 0).all()):
+        buffers[:, 0, 0, :, start:end] = kv[:, 0]
+    else:
+        cos, sin = adapter.rotation_cos_sin(kv, delta)
+        buffers[:, 0, 0, :, start:end] = apply_rotation(kv[:, 0], cos, sin)
+    buffers[:, 1, 0, :, start:end] = kv[:, 1]
+
+
+def attention_mask_for(
+    query_idx: torch.Tensor,
+    num_keys: int,
+    attn_implementation: str,
+    dtype: torch.dtype,
+    key_padding: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Mask letting query i (at prompt position query_idx[i]) see keys 0..query_idx[i].
+
+    `None` when the set is the whole prompt and SDPA can use its own causal kernel.
+    """
+    if query_idx.numel() == num_keys and key_padding is None and attn_implementation == "sdpa":
+        return None
+    keys = torch.arange(num_keys, device=query_idx.device)
+    allowed = keys[None, :] <= query_idx[:, None]
+    if key_padding is not None:
+        allowed &= key_padding[None, :] | (keys[None, :] == query_idx[:, None])
+    allowed = allowed[None, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def normalise_set(candidate: torch.Tensor, within: torch.Tensor | None, fresh: torch.Tensor) -> torch.Tensor:
+    """Sorted unique indices of `candidate` ∪ `fresh`, restricted to `within` (the previous layer's set)."""
+    merged = torch.unique(torch.cat([candidate.to(fresh.device, torch.long), fresh]))
+    if within is not None:
+        merged = merged[torch.isin(merged, within)]
+    return merged
+
+
+def run_layers(
+    adapter: ModelAdapter,
+    cache,
+    embeddings: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    policy: SelectionPolicy,
+    ctx: SelectionContext,
+    key_padding: torch.Tensor | None,
+) -> list[int]:
+    """The layer loop over nested recompute sets. Returns how many tokens each layer computed."""
+    fresh = ctx.fresh_indices
+    current = normalise_set(policy.initial_set(ctx), None, fresh)
+    hidden = embeddings[:, current]
+    masks: dict[int, torch.Tensor | None] = {}
+    counts: list[int] = []
+    impl, num_layers = adapter.attn_implementation, ctx.num_layers
+    for layer_idx in range(num_layers):
+        if current.numel() == 0:  # nested sets: nothing deeper either
+            counts.extend([0] * (num_layers - layer_idx))
+            break
+        if id(current) not in masks:
+            masks = {id(current): attention_mask_for(current, ctx.num_tokens, impl, embeddings.dtype, key_padding)}
+        layer_cache = cache.layers[layer_idx]
+        layer_cache.begin_write(current, capture_previous=policy.needs_observation)
+        hidden = adapter.run_decoder_layer(
+            layer_idx, hidden, masks[id(current)], (cos[:, current], sin[:, current]), cache
+        )
+        observation = layer_cache.end_write(layer_idx)
+        counts.append(int(current.numel()))
+        if layer_idx + 1 == num_layers:
+            break
+        proposed = policy.after_layer(layer_idx, ctx, current, observation)
+        if proposed is not current:
+            proposed = normalise_set(proposed, current, fresh)
+            hidden = hidden[:, torch.searchsorted(current, proposed)]
+            current = proposed
+    return counts

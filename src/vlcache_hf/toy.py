@@ -1,0 +1,192 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL models and processors built fully offline.
+
+No weights or tokenizers are downloaded: the tokenizer is byte-level BPE with no merges (every byte is a
+token) plus the Qwen special tokens, and the models come from configs with seeded random weights. Tests,
+examples and benchmarks use these to run the real Transformers code paths in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+PATCH = 14
+
+
+@dataclass(frozen=True)
+class ToySize:
+    """Shape of a toy model. `tiny` is for tests; `medium` makes compute dominate for benchmarks."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+
+
+TINY = ToySize()
+MEDIUM = ToySize(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_layers=8,
+    num_heads=16,
+    num_kv_heads=4,
+    vision_depth=8,
+    vision_hidden=512,
+    vision_heads=8,
+    mrope_section=(8, 12, 12),
+)
+
+
+def build_tokenizer():
+    """Byte-level Qwen2 tokenizer with no merges: ~263 tokens, works offline."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    return tokenizer
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
+    """Processor for a toy model: small images give few tokens (112×112 → 16 merged tokens)."""
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+
+    tokenizer = build_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor()
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor as Processor
+    elif family == "qwen2_vl":
+        from transformers import Qwen2VLProcessor as Processor
+    else:
+        raise ValueError(f"unknown toy family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
+    return Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: int | None = None) -> Any:
+    """Config of a toy Qwen-VL whose special-token ids match `build_tokenizer()`."""
+    tokenizer = build_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        rope_parameters={"rope_type": "default", "mrope_section": list(size.mrope_section), "rope_theta": 1e4},
+        bos_token_id=ids("<|im_start|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        max_position_embeddings=32768,
+    )
+    special = dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        vision = dict(
+            depth=size.vision_depth,
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_heads=size.vision_heads,
+            out_hidden_size=size.hidden_size,
+            fullatt_block_indexes=[size.vision_depth - 1],
+            window_size=56,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        vision = dict(
+            depth=size.vision_depth,
+            embed_dim=size.vision_hidden,
+            hidden_size=size.hidden_size,
+            mlp_ratio=2,
+            num_heads=size.vision_heads,
+            patch_size=PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
+    raise ValueError(f"unknown toy family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
+
+
+def build_model(
+    family: str = "qwen2_5_vl",
+    size: ToySize = TINY,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+):
+    """A randomly initialised toy model in eval mode; the same seed gives the same weights."""
+    from transformers import AutoModelForImageTextToText
+
+    config = build_config(family, size)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def make_image(seed: int, size: int = 112) -> Image.Image:
+    """A deterministic RGB picture: coloured blocks plus noise, different for every seed."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    base = np.kron(blocks, np.ones((size // 4 + 1, size // 4 + 1, 1), dtype=np.uint8))[:size, :size]
+    noise = rng.integers(0, 32, size=(size, size, 3), dtype=np.uint8)
+    return Image.fromarray((base // 2 + noise).astype(np.uint8))
+
+
+def image_tokens(size: int) -> int:
+    """Merged LLM tokens of a square `size`×`size` image under a 14-px patch, 2×2 merge processor."""
+    side = size // (PATCH * 2)
+    return side * side
+
+
+def message(role: str, *parts: str | Image.Image) -> dict:
+    """A chat message whose content mixes text and PIL images, in order."""
+    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
+    return {"role": role, "content": content}
+
+
+def chat_inputs(processor, messages: list[dict], add_generation_prompt: bool = True):
+    """Processor inputs (`input_ids`, `pixel_values`, ...) for a chat whose messages come from `message`."""
+    images = [item["image"] for msg in messages for item in msg["content"] if item["type"] == "image"]
+    text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    return processor(text=[text], images=images or None, return_tensors="pt")

@@ -1,0 +1,39 @@
+"""Helpers shared by the tests: real generate calls and measurements, nothing mocked."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EncoderCounter:
+    """Counts real runs of a model's vision tower (a forward hook: nothing is mocked)."""
+
+    def __init__(self, vision_tower: torch.nn.Module):
+        self.calls = 0
+        self._handle = vision_tower.register_forward_hook(self._count)
+
+    def _count(self, *args) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def greedy(model, inputs, cache=None, max_new_tokens: int = 6, **kwargs):
+    """generate with scores, optionally through a cache."""
+    extra = {"past_key_values": cache} if cache is not None else {}
+    return model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **extra,
+        **kwargs,
+    )
+
+
+def kl_first_token(reference, candidate) -> float:
+    p = torch.log_softmax(reference.scores[0].float(), -1)
+    q = torch.log_softmax(candidate.scores[0].float(), -1)
+    return float((p.exp() * (p - q)).sum())

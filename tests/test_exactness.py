@@ -1,0 +1,110 @@
+"""Exactness against the unmodified model's own generate (float32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import greedy, kl_first_token
+
+from vlcache_hf import CacheStore, VLCache, toy
+
+
+def request(processor, images, preamble: str, order: list[int], question: str = "What is shown?"):
+    parts = [preamble, *[images[i] for i in order], question]
+    return toy.chat_inputs(processor, [toy.message("user", *parts)])
+
+
+def assert_same_as_plain(model, inputs, make_cache, atol: float = 1e-4) -> VLCache:
+    """Plain generate first, then generate through a cache made just before (a VLCache is armed from birth)."""
+    plain = greedy(model, inputs)
+    cache = make_cache()
+    ours = greedy(model, inputs, cache)
+    assert torch.equal(plain.sequences, ours.sequences), (plain.sequences, ours.sequences)
+    for step, (a, b) in enumerate(zip(plain.scores, ours.scores)):
+        diff = (a - b).abs().max().item()
+        assert diff < atol, f"step {step}: logits differ by {diff}"
+    return cache
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_policy_equals_plain_cold_and_warm(models, family, images, attn, encoder_counter):
+    model, processor = models(family, attn)
+    store = CacheStore()
+    inputs = request(processor, images, "Look at these:", [0, 1])
+    counter = encoder_counter(model)
+    cold = assert_same_as_plain(model, inputs, lambda: VLCache(model, store=store, policy="full"))
+    assert cold.report.encoder_misses == 2 and cold.report.encoder_hits == 0
+    plain = greedy(model, inputs)
+    warm = VLCache(model, store=store, policy="full")
+    counter.calls = 0
+    ours = greedy(model, inputs, warm)
+    assert counter.calls == 0, "an encoder-cache hit must not run the vision tower"
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+    assert warm.report.encoder_hits == 2 and warm.report.reused_tokens == 0
+
+
+def test_moved_and_swapped_images_full_policy_runs_no_encoder(models, family, images, encoder_counter):
+    model, processor = models(family)
+    store = CacheStore()
+    greedy(model, request(processor, images, "First:", [0, 1]), VLCache(model, store=store, policy="full"))
+    moved = request(processor, images, "A different and much longer preamble, then", [1, 0], "Compare them.")
+    plain = greedy(model, moved)
+    counter = encoder_counter(model)
+    cache = VLCache(model, store=store, policy="full")
+    ours = greedy(model, moved, cache)
+    assert counter.calls == 0
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+    assert cache.report.encoder_hits == 2
+
+
+def test_exact_repeat_with_policy_none_equals_plain(models, family, images):
+    model, processor = models(family)
+    store = CacheStore()
+    inputs = request(processor, images, "Describe:", [2, 3])
+    greedy(model, inputs, VLCache(model, store=store, policy="none", prefix_chunk_size=16))
+    cache = assert_same_as_plain(model, inputs, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=16))
+    report = cache.report
+    assert report.prefix_tokens == (report.total_tokens - 1) // 16 * 16
+    assert report.reused_tokens >= report.prefix_tokens > 0
+    assert report.kv_hits == 2
+
+
+def test_moved_image_with_policy_none_reuses_kv_and_stays_close(models, images):
+    """Non-prefix reuse is approximate by design: check it is used, and that it stays close to plain."""
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    greedy(model, request(processor, images, "Look:", [0, 1]), VLCache(model, store=store))
+    moved = request(processor, images, "Now a different, longer preamble:", [1, 0])
+    plain = greedy(model, moved)
+    cache = VLCache(model, store=store, policy="none")
+    ours = greedy(model, moved, cache)
+    assert cache.report.kv_hits == 2 and cache.report.prefix_tokens == 0
+    assert cache.report.reused_tokens == 2 * toy.image_tokens(112)
+    kl = kl_first_token(plain, ours)
+    print(f"KL(full || naive reuse) of the first token: {kl:.3e}")
+    assert 0 < kl < 0.05
+
+
+def test_recompute_everything_over_stored_kv_equals_plain(models, images):
+    """policy 'full' on a store that holds the moved images' K/V ignores it and is exact."""
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    greedy(model, request(processor, images, "Look:", [0, 1]), VLCache(model, store=store))
+    moved = request(processor, images, "Another preamble:", [1, 0])
+    assert_same_as_plain(model, moved, lambda: VLCache(model, store=store, policy="full"))
+
+
+def test_loaded_from_pretrained_directory(tmp_path, images):
+    """The loading path users take: save_pretrained → AutoModel / AutoProcessor.from_pretrained."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    toy.build_model(seed=3).save_pretrained(tmp_path)
+    toy.build_processor().save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    store = CacheStore()
+    inputs = request(processor, images, "Hi", [4])
+    assert_same_as_plain(model, inputs, lambda: VLCache(model, store=store, policy="full"))
+    assert_same_as_plain(model, inputs, lambda: VLCache(model, store=store, policy="none"))
