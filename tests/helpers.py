@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from vlcache_hf.compat import with_cache
+
 
 class EncoderCounter:
     """Counts real runs of a model's vision tower (a forward hook: nothing is mocked)."""
@@ -21,7 +23,7 @@ class EncoderCounter:
 
 def greedy(model, inputs, cache=None, max_new_tokens: int = 6, **kwargs):
     """generate with scores, optionally through a cache."""
-    extra = {"past_key_values": cache} if cache is not None else {}
+    extra = with_cache(model, cache)
     return model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,

@@ -1,0 +1,8 @@
+"""TTFT benchmark (same as `vlcache bench`): every reuse mode side by side. See `--help`."""
+
+import sys
+
+from vlcache_hf.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

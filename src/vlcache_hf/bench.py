@@ -1,0 +1,390 @@
+"""TTFT benchmark: every reuse mode side by side on the same inputs, per scenario.
+
+Run as `vlcache bench [--size smoke|small|medium] [--repeats N] [--sweep]` or `python eval/bench_ttft.py`.
+Each timed request is served from a *copy* of the store as it was after the scenario's seed requests, so a
+repetition never profits from what the previous repetition published. Ratios are TTFT(full) / TTFT(mode),
+measured in the same run. Writes JSON, a Markdown table and PNG plots under `--out` (eval/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import toy
+from .cache import VLCache
+from .compat import with_cache
+from .models import get_adapter
+from .selection import POLICIES
+from .store.store import CacheStore
+from .store.tiers import MemoryTier
+from .timing import summarize, time_first_token
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of serving a request: plain generate, HF prefix caching, or VLCache with a policy."""
+
+    name: str
+    kind: str  # "plain" | "hf_prefix" | "vlcache"
+    policy: str = ""
+    ratio: float = 0.0
+
+
+MODES = [
+    Mode("full", "plain"),
+    Mode("hf-prefix", "hf_prefix"),
+    Mode("encoder-only", "vlcache", "full"),
+    Mode("naive", "vlcache", "none"),
+    Mode("first-k 5%", "vlcache", "first_k", 0.05),
+    Mode("cacheblend 5%", "vlcache", "cacheblend", 0.05),
+    Mode("vlcache 2%", "vlcache", "vlcache", 0.02),
+    Mode("vlcache 5%", "vlcache", "vlcache", 0.05),
+]
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    model: toy.ToySize
+    image_px: int
+    images: int
+    repeats: int
+
+
+SIZES = {
+    "smoke": BenchSize(toy.TINY, 112, 2, 1),
+    "small": BenchSize(toy.ToySize(hidden_size=256, intermediate_size=704, num_layers=6, num_heads=8, num_kv_heads=2, vision_depth=4, vision_hidden=128, vision_heads=4, mrope_section=(4, 6, 6)), 448, 4, 3),
+    "medium": BenchSize(toy.MEDIUM, 896, 4, 3),
+}
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    seeds: list[Any]  # requests served (and published) before the timed one
+    target: Any
+    hf_prefix_tokens: int  # tokens a token-prefix cache could reuse for the target
+    cold: bool = False
+
+
+@dataclass
+class ModeResult:
+    scenario: str
+    mode: str
+    ttft: dict[str, float]
+    speedup: float = 1.0
+    recomputed_fraction: float = 1.0
+    bound: float = 1.0
+    share_of_bound: float = 1.0
+    split_ms: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
+
+
+def _chat(processor, *parts):
+    return toy.chat_inputs(processor, [toy.message("user", *parts)])
+
+
+def build_scenarios(processor, size: BenchSize, kinds: set[str]) -> list[Scenario]:
+    imgs = [toy.make_image(100 + i, size.image_px) for i in range(size.images + 1)]
+    pages = imgs[: size.images]
+    scenarios: list[Scenario] = []
+    if "a" in kinds:
+        turn1 = [toy.message("user", "Here are the pages of my report.", *pages, "Summarise page one.")]
+        first = toy.chat_inputs(processor, turn1)
+        turn2 = [*turn1, toy.message("assistant", "Page one shows coloured blocks."), toy.message("user", "And the last page?")]
+        scenarios.append(Scenario("a-chat", "multi-turn chat, turn 2 (prefix grows)", [first], toy.chat_inputs(processor, turn2), first["input_ids"].shape[1]))
+    if "b" in kinds:
+        seed = _chat(processor, "Here are the pages of my report.", *pages, "Summarise them.")
+        target = _chat(processor, "You are a careful analyst. Another user asks about the same document:", *pages, "Which page has the most red?")
+        scenarios.append(Scenario("b-new-question", "same images, new preamble and question (non-prefix)", [seed], target, _first_image_token(target, processor)))
+    if "c" in kinds:
+        seed = _chat(processor, "Document:", *pages, "Read it.")
+        reordered = [pages[1], pages[0], *pages[2:]]
+        reordered[-1] = imgs[-1]  # the last page replaced by a new one
+        target = _chat(processor, "Document:", *reordered, "Read it.")
+        scenarios.append(Scenario("c-reordered", "images reordered, one replaced", [seed], target, _first_image_token(target, processor)))
+    if "d" in kinds:
+        target = _chat(processor, "Brand new pages:", *[toy.make_image(900 + i, size.image_px) for i in range(size.images)], "Describe.")
+        scenarios.append(Scenario("d-cold", "cold store: nothing stored (overhead)", [], target, 0, cold=True))
+    return scenarios
+
+
+def _first_image_token(inputs, processor) -> int:
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    rows = (inputs["input_ids"][0] == image_id).nonzero()
+    return int(rows[0]) if len(rows) else inputs["input_ids"].shape[1] - 1
+
+
+def _clone_store(store: CacheStore) -> CacheStore:
+    """A new in-memory store holding the same entries (tensors are shared, never mutated)."""
+    tier = store.tiers[0]
+    clone = MemoryTier(tier.byte_budget)
+    for key in tier.keys():
+        clone.put(key, tier.get(key))
+    return CacheStore([clone])
+
+
+def _seeded_store(model, scenario: Scenario) -> CacheStore:
+    store = CacheStore([MemoryTier(64 * 1024**3)])
+    for request in scenario.seeds:
+        model.generate(**request, max_new_tokens=1, do_sample=False, **with_cache(model, VLCache(model, store=store)))
+    return store
+
+
+class HFPrefixServer:
+    """Prefix caching as HF users do it: a DynamicCache of the shared prefix, deep-copied per request."""
+
+    def __init__(self, model, scenario: Scenario):
+        from transformers import DynamicCache
+
+        self.model, self.target = model, scenario.target
+        self.prefix = max(1, min(scenario.hf_prefix_tokens, scenario.target["input_ids"].shape[1] - 1))
+        cache = DynamicCache(config=model.config)
+        seed = scenario.seeds[0] if scenario.seeds else None
+        with torch.no_grad():
+            if seed is not None and seed["input_ids"].shape[1] == self.prefix:
+                model(**seed, use_cache=True, **with_cache(model, cache))
+            else:
+                ids = scenario.target["input_ids"][:, : self.prefix]
+                model(input_ids=ids, use_cache=True, **with_cache(model, cache))
+        self.cache = cache
+        self.rope_deltas = getattr(model.model, "rope_deltas", None)
+        adapter = get_adapter(model)
+        image_id = adapter.image_token_id
+        ids = self.target["input_ids"][0]
+        grid = self.target.get("image_grid_thw")
+        keep: list[int] = []
+        if grid is not None:
+            counts = [int(g.prod()) // 4 for g in grid]
+            starts = (ids == image_id).nonzero().flatten().tolist()
+            cursor = 0
+            for index, count in enumerate(counts):
+                if starts[cursor] >= self.prefix:
+                    keep.append(index)
+                cursor += count
+        self.inputs = {k: v for k, v in self.target.items() if k not in ("pixel_values", "image_grid_thw")}
+        if keep:
+            pixels = adapter.split_pixels(self.target["pixel_values"], grid)
+            self.inputs["pixel_values"] = torch.cat([pixels[i] for i in keep])
+            self.inputs["image_grid_thw"] = grid[keep]
+
+    def time(self) -> float:
+        cache = copy.deepcopy(self.cache)
+        self.model.model.rope_deltas = self.rope_deltas  # generate reads the stale model-level deltas otherwise
+        return time_first_token(self.model, self.inputs, cache)
+
+
+def run_mode(model, scenario: Scenario, mode: Mode, repeats: int, seeded: CacheStore | None) -> tuple[list[float], Any]:
+    times, report = [], None
+    server = HFPrefixServer(model, scenario) if mode.kind == "hf_prefix" else None
+    for _ in range(repeats + 1):  # the first run warms up allocators and is dropped
+        if mode.kind == "plain":
+            seconds = time_first_token(model, scenario.target)
+        elif server is not None:
+            seconds = server.time()
+        else:
+            store = CacheStore([MemoryTier(64 * 1024**3)]) if seeded is None else _clone_store(seeded)
+            cache = VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio)
+            seconds = time_first_token(model, scenario.target, cache)
+            report = cache.report
+        times.append(seconds)
+    return times[1:], report
+
+
+def available_modes(names: list[str] | None) -> tuple[list[Mode], list[str]]:
+    modes, skipped = [], []
+    for mode in MODES:
+        if names and mode.name not in names:
+            continue
+        if mode.kind == "vlcache" and mode.policy not in POLICIES:
+            skipped.append(f"{mode.name} (policy {mode.policy!r} not available)")
+            continue
+        modes.append(mode)
+    return modes, skipped
+
+
+def bench_scenarios(model, processor, size: BenchSize, kinds: set[str], mode_names: list[str] | None) -> tuple[list[ModeResult], list[str]]:
+    modes, skipped = available_modes(mode_names)
+    results: list[ModeResult] = []
+    for scenario in build_scenarios(processor, size, kinds):
+        seeded = None if scenario.cold else _seeded_store(model, scenario)
+        wanted = [m for m in modes if not scenario.cold or m.name in ("full", "naive")]
+        if scenario.cold or not scenario.seeds:
+            wanted = [m for m in wanted if m.kind != "hf_prefix"]
+        full_median = None
+        for mode in wanted:
+            times, report = run_mode(model, scenario, mode, size.repeats, seeded)
+            stats = summarize(times)
+            result = ModeResult(scenario.name, mode.name, stats, prompt_tokens=int(scenario.target["input_ids"].shape[1]))
+            if mode.kind == "plain":
+                full_median = stats["median"]
+            if full_median:
+                result.speedup = full_median / stats["median"]
+            if report is not None:
+                fraction = sum(report.recomputed_per_layer) / (len(report.recomputed_per_layer) * report.total_tokens)
+                result.recomputed_fraction = fraction
+                result.bound = 1.0 / fraction
+                result.share_of_bound = result.speedup / result.bound
+                t = report.timings
+                other = max(0.0, stats["median"] - t.total_s)
+                result.split_ms = {
+                    "encoder": t.encoder_s * 1e3,
+                    "store_load": t.store_load_s * 1e3,
+                    "rerotation": t.rerotation_s * 1e3,
+                    "selective_prefill": t.prefill_s * 1e3,
+                    "publish": t.publish_s * 1e3,
+                    "other": other * 1e3,
+                }
+            results.append(result)
+            print(f"  {scenario.name:16s} {mode.name:15s} TTFT {stats['median'] * 1e3:9.1f} ms  x{result.speedup:6.2f}", flush=True)
+    return results, skipped
+
+
+def sweep(model, processor, size: BenchSize, mode_names: list[str] | None) -> list[dict]:
+    """TTFT vs prompt length (number of images) per mode, on the non-prefix scenario."""
+    rows = []
+    modes, _ = available_modes(mode_names or ["full", "naive", "vlcache 5%"])
+    for count in (1, 2, 4, 8):
+        sub = BenchSize(size.model, size.image_px, count, max(1, size.repeats - 1))
+        scenario = build_scenarios(processor, sub, {"b"})[0]
+        seeded = _seeded_store(model, scenario)
+        for mode in modes:
+            if mode.kind == "hf_prefix":
+                continue
+            times, _ = run_mode(model, scenario, mode, sub.repeats, seeded)
+            rows.append({"images": count, "prompt_tokens": int(scenario.target["input_ids"].shape[1]), "mode": mode.name, "ttft_s": summarize(times)["median"]})
+            print(f"  sweep {count} images {mode.name:12s} {rows[-1]['ttft_s'] * 1e3:9.1f} ms", flush=True)
+    return rows
+
+
+def markdown(results: list[ModeResult]) -> str:
+    lines = [
+        "| scenario | mode | TTFT median ms (min–max) | speedup vs full | recomputed | bound | share of bound | encoder / load / rerotate / prefill / publish / other ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        split = " / ".join(f"{v:.0f}" for v in r.split_ms.values()) if r.split_ms else "–"
+        lines.append(
+            f"| {r.scenario} | {r.mode} | {r.ttft['median'] * 1e3:.1f} ({r.ttft['min'] * 1e3:.1f}–{r.ttft['max'] * 1e3:.1f}) | "
+            f"{r.speedup:.2f}× | {r.recomputed_fraction:.1%} | {r.bound:.1f}× | {r.share_of_bound:.0%} | {split} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[ModeResult], sweep_rows: list[dict], out: Path, stem: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    scenarios = sorted({r.scenario for r in results})
+    modes = [m.name for m in MODES if any(r.mode == m.name for r in results)]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        values = [next((r.speedup for r in results if r.scenario == s and r.mode == mode), 0) for s in scenarios]
+        ax.bar([x + i * width for x in range(len(scenarios))], values, width, label=mode)
+    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(scenarios))], scenarios)
+    ax.set_ylabel("TTFT(full) / TTFT(mode)")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("vlcache-hf: TTFT speedup by scenario and mode")
+    fig.tight_layout()
+    path = out / f"{stem}_speedup.png"
+    fig.savefig(path, dpi=120)
+    files.append(str(path))
+    plt.close(fig)
+    if sweep_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in sorted({r["mode"] for r in sweep_rows}):
+            rows = [r for r in sweep_rows if r["mode"] == mode]
+            ax.plot([r["prompt_tokens"] for r in rows], [r["ttft_s"] * 1e3 for r in rows], marker="o", label=mode)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("TTFT ms")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title("TTFT vs prompt length (non-prefix scenario)")
+        fig.tight_layout()
+        path = out / f"{stem}_growth.png"
+        fig.savefig(path, dpi=120)
+        files.append(str(path))
+        plt.close(fig)
+    return files
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": str(torch.get_num_threads()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlcache bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="medium")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat (for CI)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--scenarios", default="abcd", help="subset of a,b,c,d")
+    parser.add_argument("--modes", default=None, help="comma-separated mode names (default: all available)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the number of images")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--out", default="eval/results")
+    parser.add_argument("--name", default=None, help="file stem of the outputs (default: ttft_<size>_<device>)")
+    args = parser.parse_args(argv)
+    size_name = "smoke" if args.smoke else args.size
+    size = SIZES[size_name]
+    if args.repeats:
+        size = BenchSize(size.model, size.image_px, size.images, args.repeats)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    model = toy.build_model(size=size.model, dtype=dtype).to(args.device)
+    processor = toy.build_processor(max_pixels=size.image_px * size.image_px, min_pixels=56 * 56)
+    print(f"vlcache bench: size={size_name} device={args.device} dtype={dtype} images={size.images}×{toy.image_tokens(size.image_px)} tokens", flush=True)
+    start = time.perf_counter()
+    results, skipped = bench_scenarios(model, processor, size, set(args.scenarios), args.modes.split(",") if args.modes else None)
+    sweep_rows = sweep(model, processor, size, None) if args.sweep else []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"ttft_{size_name}_{args.device}"
+    table = markdown(results)
+    layout = get_adapter(model).kv_layout
+    payload = {
+        "command": "vlcache bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(),
+        "size": {"name": size_name, **asdict(size)},
+        "kv_bytes_per_token": layout.bytes_per_token(),
+        "skipped_modes": skipped,
+        "results": [asdict(r) for r in results],
+        "sweep": sweep_rows,
+        "seconds": time.perf_counter() - start,
+    }
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    header = f"# TTFT benchmark ({size_name}, {args.device}, {dtype})\n\nCommand: `{payload['command']}`\n\n"
+    env = ", ".join(f"{k} {v}" for k, v in payload["environment"].items())
+    (out / f"{stem}.md").write_text(header + f"Environment: {env}. KV bytes per token: {layout.bytes_per_token()}.\n\n" + table + "\n")
+    files = plot(results, sweep_rows, out, stem)
+    print(table)
+    if skipped:
+        print("skipped: " + "; ".join(skipped))
+    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}, " + ", ".join(files))
+    return 0

@@ -1,0 +1,44 @@
+"""VLCacheLayer: scatter writes during the selective prefill, DynamicLayer behaviour after."""
+
+from __future__ import annotations
+
+import torch
+
+from vlcache_hf.cache import VLCacheLayer
+from vlcache_hf.prefill import attention_mask_for, normalise_set
+
+
+def test_scatter_write_then_append():
+    layer = VLCacheLayer()
+    keys, values = torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4)
+    layer.load(keys, values)
+    index = torch.tensor([1, 3])
+    layer.begin_write(index, capture_previous=True)
+    new_k, new_v = torch.ones(1, 2, 2, 4), 2 * torch.ones(1, 2, 2, 4)
+    out_k, out_v = layer.update(new_k, new_v)
+    assert out_k.shape == (1, 2, 5, 4)
+    assert out_k[0, 0, :, 0].tolist() == [0, 1, 0, 1, 0] and out_v[0, 0, :, 0].tolist() == [0, 2, 0, 2, 0]
+    observation = layer.end_write(0)
+    assert observation is not None and observation.old_keys.abs().sum() == 0
+    assert torch.equal(observation.new_keys, new_k)
+    # after the prefill window it appends like a DynamicLayer
+    k, _ = layer.update(torch.full((1, 2, 1, 4), 7.0), torch.full((1, 2, 1, 4), 7.0))
+    assert k.shape[2] == 6 and layer.get_seq_length() == 6
+    layer.crop(-2)
+    assert layer.get_seq_length() == 4
+
+
+def test_mask_is_causal_by_full_sequence_position():
+    query = torch.tensor([1, 4])
+    bool_mask = attention_mask_for(query, 6, "sdpa", torch.float32, None)
+    assert bool_mask[0, 0].int().tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    float_mask = attention_mask_for(query, 6, "eager", torch.float32, None)
+    assert float_mask[0, 0, 0, 1] == 0 and float_mask[0, 0, 0, 2] == torch.finfo(torch.float32).min
+    assert attention_mask_for(torch.arange(6), 6, "sdpa", torch.float32, None) is None
+
+
+def test_normalise_set_keeps_fresh_and_nesting():
+    fresh = torch.tensor([0, 5])
+    current = torch.tensor([0, 2, 3, 5])
+    assert normalise_set(torch.tensor([3, 9, 2]), current, fresh).tolist() == [0, 2, 3, 5]
+    assert normalise_set(torch.tensor([3]), current, fresh).tolist() == [0, 3, 5]

@@ -1,0 +1,50 @@
+"""Planning: image spans and what is reused vs fresh (pure bookkeeping)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlcache_hf import VLCacheError
+from vlcache_hf.plan import find_image_spans, plan_prefill
+from vlcache_hf.store.keys import chain_prefix_hashes
+
+IMG = 9
+
+
+def test_find_image_spans_in_order():
+    ids = torch.tensor([[1, IMG, IMG, 2, 3, IMG, IMG, IMG, 4]])
+    spans = find_image_spans(ids, IMG, [2, 3], ["a", "b"])
+    assert [(s.index, s.start, s.end, s.key) for s in spans] == [(0, 1, 3, "a"), (1, 5, 8, "b")]
+
+
+def test_find_image_spans_mismatch_is_a_clear_error():
+    ids = torch.tensor([[1, IMG, IMG, 2]])
+    with pytest.raises(VLCacheError, match="2 image tokens but the 2 image"):
+        find_image_spans(ids, IMG, [2, 3], ["a", "b"])
+
+
+def test_plan_prefix_then_reused_spans_then_fresh():
+    ids = torch.tensor([[1] * 4 + [IMG] * 4 + [2] * 2 + [IMG] * 4 + [3] * 3])
+    spans = find_image_spans(ids, IMG, [4, 4], ["a", "b"])
+    plan = plan_prefill(16, spans, prefix_tokens=6, kv_hit_images={0, 1})
+    # image 0 is half inside the prefix: only its part past the prefix is a moved span
+    assert [(s.index, s.start, s.end) for s in plan.reused_spans] == [(0, 6, 8), (1, 10, 14)]
+    assert plan.fresh_mask.nonzero().flatten().tolist() == [8, 9, 14, 15]
+    assert plan.reused_count == 6 + 2 + 4
+
+
+def test_plan_without_hits_is_all_fresh():
+    ids = torch.tensor([[1, IMG, IMG, 2]])
+    plan = plan_prefill(3, find_image_spans(ids, IMG, [2], ["a"]), 0, set())
+    assert plan.fresh_mask.all() and plan.reused_spans == []
+
+
+def test_prefix_hashes_depend_on_image_content_and_order():
+    tokens = [1, 2, IMG, IMG, 3, 4, IMG, IMG]
+    a = chain_prefix_hashes("fp", tokens, {2: "x", 3: "x", 6: "y", 7: "y"}, 4)
+    b = chain_prefix_hashes("fp", tokens, {2: "x", 3: "x", 6: "z", 7: "z"}, 4)
+    c = chain_prefix_hashes("other-model", tokens, {2: "x", 3: "x", 6: "y", 7: "y"}, 4)
+    assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]
+    assert a[0] != c[0]
+    assert chain_prefix_hashes("fp", tokens[:7], {}, 4) == chain_prefix_hashes("fp", tokens[:4], {}, 4)
