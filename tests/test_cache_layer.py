@@ -30,11 +30,11 @@ def test_scatter_write_then_append():
 
 def test_mask_is_causal_by_full_sequence_position():
     query = torch.tensor([1, 4])
-    bool_mask = attention_mask_for(query, 6, "sdpa", torch.float32, None)
-    assert bool_mask[0, 0].int().tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
-    float_mask = attention_mask_for(query, 6, "eager", torch.float32, None)
-    assert float_mask[0, 0, 0, 1] == 0 and float_mask[0, 0, 0, 2] == torch.finfo(torch.float32).min
-    assert attention_mask_for(torch.arange(6), 6, "sdpa", torch.float32, None) is None
+    mask = attention_mask_for(query, 6, None)
+    assert mask[0, 0].int().tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    padded = attention_mask_for(query, 6, torch.tensor([False, True, True, True, True, True]))
+    assert padded[0, 0].int().tolist() == [[0, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0]]
+    assert attention_mask_for(torch.arange(6), 6, None) is None
 
 
 def test_normalise_set_keeps_fresh_and_nesting():

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .errors import EntryMismatchError
 from .models import ModelAdapter
 from .store.entry import EncoderEntry
-from .store.keys import ENCODER_KIND, digest, entry_key, image_key_from_pixels, tensor_bytes
+from .store.keys import ENCODER_KIND, digest, entry_key, image_key_from_pixels, tensor_parts
 
 logger = logging.getLogger(__name__)
 
@@ -135,5 +135,5 @@ def encode_images(
 
 def features_from_embeddings(embeddings: list[torch.Tensor]) -> ImageFeatures:
     """Features for precomputed embeddings passed by the caller: keyed by the embeddings' own bytes."""
-    keys = [digest("image-embeddings", tensor_bytes(e)) for e in embeddings]
+    keys = [digest("image-embeddings", *tensor_parts(e)) for e in embeddings]
     return ImageFeatures(list(embeddings), keys, [False] * len(embeddings))

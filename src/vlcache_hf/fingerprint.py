@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import nn
 
-from .store.keys import digest, model_fingerprint, tensor_bytes
+from .store.keys import digest, model_fingerprint, tensor_parts
 from .store.entry import FORMAT_VERSION
 
 _SAMPLES_PER_TENSOR = 1024
@@ -35,7 +35,7 @@ def _weights_digest(model: nn.Module) -> str:
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
             parts.append(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}")
-            parts.append(tensor_bytes(flat[::step][:_SAMPLES_PER_TENSOR]))
+            parts.extend(tensor_parts(flat[::step][:_SAMPLES_PER_TENSOR]))
     return digest(*parts)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import selective_attention_enabled
 from .models import KVLayout, ModelAdapter
 from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
@@ -55,27 +56,18 @@ def fill_moved(
     buffers[:, 1, 0, :, start:end] = kv[:, 1]
 
 
-def attention_mask_for(
-    query_idx: torch.Tensor,
-    num_keys: int,
-    attn_implementation: str,
-    dtype: torch.dtype,
-    key_padding: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Mask letting query i (at prompt position query_idx[i]) see keys 0..query_idx[i].
+def attention_mask_for(query_idx: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool mask [1, 1, q, num_keys] letting query i (at prompt position query_idx[i]) see keys 0..query_idx[i].
 
-    `None` when the set is the whole prompt and SDPA can use its own causal kernel.
+    `None` when the set is the whole prompt without padding: plain causal attention.
     """
-    if query_idx.numel() == num_keys and key_padding is None and attn_implementation == "sdpa":
+    if query_idx.numel() == num_keys and key_padding is None:
         return None
     keys = torch.arange(num_keys, device=query_idx.device)
     allowed = keys[None, :] <= query_idx[:, None]
     if key_padding is not None:
         allowed &= key_padding[None, :] | (keys[None, :] == query_idx[:, None])
-    allowed = allowed[None, None]
-    if attn_implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed[None, None]
 
 
 def normalise_set(candidate: torch.Tensor, within: torch.Tensor | None, fresh: torch.Tensor) -> torch.Tensor:
@@ -100,27 +92,23 @@ def run_layers(
     fresh = ctx.fresh_indices
     current = normalise_set(policy.initial_set(ctx), None, fresh)
     hidden = embeddings[:, current]
-    masks: dict[int, torch.Tensor | None] = {}
+    mask = attention_mask_for(current, ctx.num_tokens, key_padding)
     counts: list[int] = []
-    impl, num_layers = adapter.attn_implementation, ctx.num_layers
-    for layer_idx in range(num_layers):
-        if current.numel() == 0:  # nested sets: nothing deeper either
-            counts.extend([0] * (num_layers - layer_idx))
-            break
-        if id(current) not in masks:
-            masks = {id(current): attention_mask_for(current, ctx.num_tokens, impl, embeddings.dtype, key_padding)}
-        layer_cache = cache.layers[layer_idx]
-        layer_cache.begin_write(current, capture_previous=policy.needs_observation)
-        hidden = adapter.run_decoder_layer(
-            layer_idx, hidden, masks[id(current)], (cos[:, current], sin[:, current]), cache
-        )
-        observation = layer_cache.end_write(layer_idx)
-        counts.append(int(current.numel()))
-        if layer_idx + 1 == num_layers:
-            break
-        proposed = policy.after_layer(layer_idx, ctx, current, observation)
-        if proposed is not current:
-            proposed = normalise_set(proposed, current, fresh)
-            hidden = hidden[:, torch.searchsorted(current, proposed)]
-            current = proposed
+    with selective_attention_enabled(adapter.attention_config()):
+        for layer_idx in range(ctx.num_layers):
+            if current.numel() == 0:  # nested sets: nothing deeper either
+                return counts + [0] * (ctx.num_layers - layer_idx)
+            layer_cache = cache.layers[layer_idx]
+            layer_cache.begin_write(current, capture_previous=policy.needs_observation)
+            hidden = adapter.run_decoder_layer(layer_idx, hidden, mask, (cos[:, current], sin[:, current]), cache)
+            observation = layer_cache.end_write(layer_idx)
+            counts.append(int(current.numel()))
+            if layer_idx + 1 == ctx.num_layers:
+                break
+            proposed = policy.after_layer(layer_idx, ctx, current, observation)
+            if proposed is not current:
+                proposed = normalise_set(proposed, current, fresh)
+                hidden = hidden[:, torch.searchsorted(current, proposed)]
+                current = proposed
+                mask = attention_mask_for(current, ctx.num_tokens, key_padding)
     return counts

@@ -76,9 +76,9 @@ class ModelAdapter(ABC):
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().embedding_dim)
 
-    @property
-    def attn_implementation(self) -> str:
-        return str(self.model.config._attn_implementation)
+    def attention_config(self):
+        """The config object the decoder's attention modules read `_attn_implementation` from."""
+        return self.decoder_layers[0].self_attn.config
 
     # -- positions -----------------------------------------------------------------------------------------
     @abstractmethod

@@ -19,22 +19,25 @@ PREFIX_KIND = "pfx"
 KINDS = (ENCODER_KIND, KV_KIND, PREFIX_KIND)
 
 
-def digest(*parts: bytes | str) -> str:
+Bytes = bytes | memoryview
+
+
+def digest(*parts: Bytes | str) -> str:
     """blake3 hex digest of the parts, each length-prefixed so ("ab", "c") != ("a", "bc")."""
-    hasher = blake3.blake3()
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     for part in parts:
-        data = part.encode() if isinstance(part, str) else part
+        data = part.encode() if isinstance(part, str) else memoryview(part).cast("B")
         hasher.update(len(data).to_bytes(8, "little"))
         hasher.update(data)
     return hasher.hexdigest()
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Raw bytes of a tensor (moved to CPU, contiguous), with its dtype and shape so equal bytes of
-    different layouts never collide."""
+def tensor_parts(tensor: torch.Tensor) -> tuple[bytes, memoryview]:
+    """A tensor as two hash parts: its dtype/shape header and its raw bytes (a view, not a copy, when the
+    tensor is already a contiguous CPU tensor), so equal bytes of different layouts never collide."""
     cpu = tensor.detach().to("cpu").contiguous()
-    header = f"{cpu.dtype}|{tuple(cpu.shape)}|".encode()
-    return header + cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else header
+    header = f"{cpu.dtype}|{tuple(cpu.shape)}".encode()
+    return header, memoryview(cpu.reshape(-1).view(torch.uint8).numpy())
 
 
 def image_key_from_pixels(pixels: torch.Tensor, grid_thw: Sequence[int], settings: str = "") -> str:
@@ -44,7 +47,7 @@ def image_key_from_pixels(pixels: torch.Tensor, grid_thw: Sequence[int], setting
     key is stable for the same picture under the same processor and differs otherwise.
     """
     grid = ",".join(str(int(x)) for x in grid_thw)
-    return digest("image-pixels", grid, settings, tensor_bytes(pixels))
+    return digest("image-pixels", grid, settings, *tensor_parts(pixels))
 
 
 def image_key_from_bytes(raw: bytes, settings: str) -> str:
