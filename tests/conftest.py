@@ -10,7 +10,7 @@ from helpers import EncoderCounter
 from vlcache_hf import toy
 
 
-@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def family(request) -> str:
     return request.param
 

@@ -40,6 +40,7 @@ class ImageFeatures:
     keys: list[str]
     hits: list[bool]
     seconds: float = 0.0
+    deepstack: list[tuple[torch.Tensor, ...]] | None = None  # per image: per injection layer (Qwen3-VL)
 
     @property
     def tokens_per_image(self) -> list[int]:
@@ -62,6 +63,9 @@ def install(adapter: ModelAdapter) -> None:
         return_dict = kwargs.pop("return_dict", True)
         features = encode_images(cache.adapter, cache.store, cache.fingerprint, pixel_values, image_grid_thw, **kwargs)
         output = BaseModelOutputWithPooling(pooler_output=tuple(features.embeddings))
+        if features.deepstack:
+            # what the model's own forward reads from pre-encoded outputs: per layer, per image
+            output["deepstack_features"] = [tuple(layers) for layers in zip(*features.deepstack)]
         setattr(output, FEATURES_ATTR, features)
         return output if return_dict else output.to_tuple()
 
@@ -107,6 +111,7 @@ def encode_images(
     hidden, dtype = adapter.hidden_size, _vision_dtype(adapter)
 
     embeddings: list[torch.Tensor | None] = []
+    deepstack: list[tuple[torch.Tensor, ...]] = []
     for key in keys:
         store_key = entry_key(ENCODER_KIND, fingerprint, key)
         stored = store.get(store_key)
@@ -118,22 +123,29 @@ def encode_images(
                 logger.warning("dropping encoder entry %s: %s", store_key[:16], err)
                 store.discard(store_key)
         embeddings.append(entry.embeddings.to(device, non_blocking=True) if entry is not None else None)
+        deepstack.append(tuple(t.to(device, non_blocking=True) for t in entry.deepstack) if entry is not None else ())
 
     hits = [e is not None for e in embeddings]
     missing = [i for i, hit in enumerate(hits) if not hit]
     if missing:
         grid = image_grid_thw[missing]
         output = original_encoder(adapter)(torch.cat([pixels[i] for i in missing]), grid, return_dict=True, **kwargs)
-        for i, emb in zip(missing, output.pooler_output):
+        extra = getattr(output, "deepstack_features", None) or []
+        for j, (i, emb) in enumerate(zip(missing, output.pooler_output)):
             embeddings[i] = emb
-            entry = EncoderEntry(emb.detach(), grids[i])  # type: ignore[arg-type]
+            deepstack[i] = tuple(layer[j] for layer in extra)
+            entry = EncoderEntry(emb.detach(), grids[i], tuple(t.detach() for t in deepstack[i]))  # type: ignore[arg-type]
             store.put(entry_key(ENCODER_KIND, fingerprint, keys[i]), entry.to_stored(fingerprint))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return ImageFeatures(embeddings, keys, hits, time.perf_counter() - start)  # type: ignore[arg-type]
+    has_deepstack = any(deepstack)
+    return ImageFeatures(embeddings, keys, hits, time.perf_counter() - start, deepstack if has_deepstack else None)  # type: ignore[arg-type]
 
 
-def features_from_embeddings(embeddings: list[torch.Tensor]) -> ImageFeatures:
-    """Features for precomputed embeddings passed by the caller: keyed by the embeddings' own bytes."""
+def features_from_output(output) -> ImageFeatures:
+    """Features for pre-encoded outputs passed by the caller: keyed by the embeddings' own bytes."""
+    embeddings = list(output["pooler_output"])
     keys = [digest("image-embeddings", *tensor_parts(e)) for e in embeddings]
-    return ImageFeatures(list(embeddings), keys, [False] * len(embeddings))
+    extra = output.get("deepstack_features") if hasattr(output, "get") else None
+    deepstack = [tuple(layer[i] for layer in extra) for i in range(len(embeddings))] if extra else None
+    return ImageFeatures(embeddings, keys, [False] * len(embeddings), 0.0, deepstack)

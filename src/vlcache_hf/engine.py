@@ -49,8 +49,7 @@ def _image_features(cache, kwargs: dict[str, Any]) -> encoder.ImageFeatures:
         features = getattr(encoded, encoder.FEATURES_ATTR, None)
         if features is not None:
             return features
-        pooled = encoded.pooler_output if hasattr(encoded, "pooler_output") else encoded["pooler_output"]
-        return encoder.features_from_embeddings(list(pooled))
+        return encoder.features_from_output(encoded)
     pixels = kwargs.get("pixel_values")
     if pixels is not None:
         grid = kwargs.get("image_grid_thw")
@@ -129,10 +128,11 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         embeds = _embeddings(cache, input_ids, spans, features)
         cos, sin = adapter.rotary_cos_sin(embeds, positions)
         ctx = SelectionContext(num_tokens, layout.num_layers, plan.fresh_mask, plan.moved_spans, cache.recompute_ratio)
+        injections = adapter.layer_injections(spans, features, embeds[:, :num_tokens])
         mask = kwargs.get("attention_mask")
         key_padding = None if mask is None or bool(mask.all()) else mask[0, :num_tokens].bool()
         counts = (
-            run_layers(adapter, cache, embeds[:, :num_tokens], cos[:, :num_tokens], sin[:, :num_tokens], policy, ctx, key_padding)
+            run_layers(adapter, cache, embeds[:, :num_tokens], cos[:, :num_tokens], sin[:, :num_tokens], policy, ctx, key_padding, injections)
             if num_tokens > 0
             else [0] * layout.num_layers
         )

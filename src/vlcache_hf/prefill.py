@@ -87,8 +87,14 @@ def run_layers(
     policy: SelectionPolicy,
     ctx: SelectionContext,
     key_padding: torch.Tensor | None,
+    injections: dict[int, torch.Tensor] | None = None,
 ) -> list[int]:
-    """The layer loop over nested recompute sets. Returns how many tokens each layer computed."""
+    """The layer loop over nested recompute sets. Returns how many tokens each layer computed.
+
+    `injections[l]` ([1, num_tokens, hidden]) is added to layer l's output rows (Qwen3-VL's deepstack
+    visual features), as the model's own forward adds it to every token's hidden state.
+    """
+    injections = injections or {}
     fresh = ctx.fresh_indices
     current = normalise_set(policy.initial_set(ctx), None, fresh)
     hidden = embeddings[:, current]
@@ -101,6 +107,8 @@ def run_layers(
             layer_cache = cache.layers[layer_idx]
             layer_cache.begin_write(current, capture_previous=policy.needs_observation)
             hidden = adapter.run_decoder_layer(layer_idx, hidden, mask, (cos[:, current], sin[:, current]), cache)
+            if layer_idx in injections:
+                hidden = hidden + injections[layer_idx][:, current].to(hidden.dtype)
             observation = layer_cache.end_write(layer_idx)
             counts.append(int(current.numel()))
             if layer_idx + 1 == ctx.num_layers:

@@ -70,11 +70,29 @@ CHAT_TEMPLATE = (
 )
 
 
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+
+
 def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
-    """Processor for a toy model: small images give few tokens (112×112 → 16 merged tokens)."""
+    """Processor for a toy model: small images give few tokens (112×112 → 16 merged tokens; Qwen3-VL's
+    16-px patches: 128×128 → 16)."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
 
     tokenizer = build_tokenizer()
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLProcessor
+        from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
+
+        scale = (16 / PATCH) ** 2
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=int(min_pixels * scale), max_pixels=int(max_pixels * scale), patch_size=16
+        )
+        return Qwen3VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=Qwen3VLVideoProcessor(),
+            chat_template=CHAT_TEMPLATE,
+        )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor()
     if family == "qwen2_5_vl":
@@ -82,7 +100,7 @@ def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min
     elif family == "qwen2_vl":
         from transformers import Qwen2VLProcessor as Processor
     else:
-        raise ValueError(f"unknown toy family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
+        raise ValueError(f"unknown toy family {family!r}; expected one of {FAMILIES}")
     return Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -144,7 +162,25 @@ def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: i
             temporal_patch_size=2,
         )
         return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
-    raise ValueError(f"unknown toy family {family!r}; expected 'qwen2_vl' or 'qwen2_5_vl'")
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        text["head_dim"] = size.hidden_size // size.num_heads
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+        vision = dict(
+            depth=size.vision_depth,
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_heads=size.vision_heads,
+            out_hidden_size=size.hidden_size,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=64,
+        )
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+    raise ValueError(f"unknown toy family {family!r}; expected one of {FAMILIES}")
 
 
 def build_model(

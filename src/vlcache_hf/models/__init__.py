@@ -6,9 +6,10 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import KVLayout, ModelAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [QwenVLAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [QwenVLAdapter, Qwen3VLAdapter]
 
 
 def supported_families() -> list[str]:

@@ -106,6 +106,11 @@ class ModelAdapter(ABC):
     def vision_tower(self) -> nn.Module:
         """The vision encoder module (tests count its calls)."""
 
+    def layer_injections(self, spans, features, embeddings: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per decoder layer, a [1, num_tokens, hidden] tensor the model adds to that layer's output
+        (e.g. Qwen3-VL's deepstack visual features at image tokens). Most families add nothing."""
+        return {}
+
     # -- calling decoder layers ----------------------------------------------------------------------------
     def cache_kwarg_name(self) -> str:
         """Transformers renamed `past_key_values` to `cache` in decoder layers (5.2x); accept both."""

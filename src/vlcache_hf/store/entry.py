@@ -59,14 +59,18 @@ class EncoderEntry:
     """
 
     embeddings: torch.Tensor  # [num_tokens, hidden]
-    grid_thw: tuple[int, int, int]
+    grid_thw: tuple[int, ...]
+    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: per injection layer, [num_tokens, hidden]
 
     KIND = "encoder"
 
     def to_stored(self, fingerprint: str) -> StoredEntry:
         meta = _header(self.KIND, fingerprint)
         meta["grid_thw"] = ",".join(str(int(x)) for x in self.grid_thw)
-        return StoredEntry({"embeddings": self.embeddings.contiguous()}, meta)
+        meta["deepstack_layers"] = str(len(self.deepstack))
+        tensors = {"embeddings": self.embeddings.contiguous()}
+        tensors.update({f"deepstack.{i}": t.contiguous() for i, t in enumerate(self.deepstack)})
+        return StoredEntry(tensors, meta)
 
     @classmethod
     def from_stored(cls, stored: StoredEntry, fingerprint: str, hidden_size: int, dtype: torch.dtype) -> EncoderEntry:
@@ -75,9 +79,13 @@ class EncoderEntry:
         if emb.ndim != 2 or emb.shape[1] != hidden_size or emb.dtype != dtype:
             raise EntryMismatchError(f"encoder entry shape {tuple(emb.shape)} / {emb.dtype} does not fit the model")
         grid = tuple(int(x) for x in stored.metadata.get("grid_thw", "").split(",") if x)
-        if len(grid) != 3:
+        if not grid:
             raise EntryMismatchError("encoder entry has no valid grid_thw")
-        return cls(emb, grid)  # type: ignore[arg-type]
+        layers = int(stored.metadata.get("deepstack_layers", "0"))
+        deepstack = tuple(stored.tensors.get(f"deepstack.{i}") for i in range(layers))
+        if any(t is None or t.shape != emb.shape for t in deepstack):
+            raise EntryMismatchError("encoder entry's deepstack features are missing or misshapen")
+        return cls(emb, grid, deepstack)  # type: ignore[arg-type]
 
 
 @dataclass
