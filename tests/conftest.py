@@ -8,10 +8,17 @@ import torch
 from helpers import EncoderCounter
 
 from vlcache_hf import toy
+from vlcache_hf.models import get_adapter
+
+
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava"])
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
-def family(request) -> str:
+def mrope_family(request) -> str:
+    """Families with multimodal RoPE (three position axes)."""
     return request.param
 
 
@@ -38,7 +45,7 @@ def encoder_counter():
     counters: list[EncoderCounter] = []
 
     def make(model) -> EncoderCounter:
-        counter = EncoderCounter(model.model.visual)
+        counter = EncoderCounter(get_adapter(model).vision_tower)
         counters.append(counter)
         return counter
 

@@ -28,15 +28,15 @@ def test_rerotation_1d(models, family, delta):
     adapter = get_adapter(models(family)[0])
     torch.manual_seed(0)
     raw = torch.randn(1, 2, 10, adapter.kv_layout.head_dim)
-    p = torch.arange(5, 15).view(1, 1, -1).expand(3, 1, -1)
+    p = torch.arange(5, 15).view(1, 1, -1).expand(adapter.position_axes, 1, -1)
     cached = _keys_at(adapter, raw, p)
     moved = apply_rotation(cached, *adapter.rotation_cos_sin(cached, position_delta(p[:, 0] + delta, p[:, 0])))
     torch.testing.assert_close(moved, _keys_at(adapter, raw, p + delta), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("delta", [11, -4])
-def test_rerotation_mrope_image_grid(models, family, delta):
-    adapter = get_adapter(models(family)[0])
+def test_rerotation_mrope_image_grid(models, mrope_family, delta):
+    adapter = get_adapter(models(mrope_family)[0])
     torch.manual_seed(1)
     raw = torch.randn(1, 2, 12, adapter.kv_layout.head_dim)
     p = _image_positions(20, 3, 4)
@@ -46,9 +46,9 @@ def test_rerotation_mrope_image_grid(models, family, delta):
     torch.testing.assert_close(moved, _keys_at(adapter, raw, p + delta), atol=1e-5, rtol=1e-5)
 
 
-def test_rerotation_mrope_per_axis_delta(models):
+def test_rerotation_mrope_per_axis_delta(models, mrope_family):
     """Each M-RoPE section follows its own axis, so unequal per-axis deltas re-rotate exactly too."""
-    adapter = get_adapter(models("qwen2_5_vl")[0])
+    adapter = get_adapter(models(mrope_family)[0])
     torch.manual_seed(2)
     raw = torch.randn(1, 2, 6, adapter.kv_layout.head_dim)
     p = _image_positions(3, 2, 3)
@@ -58,9 +58,9 @@ def test_rerotation_mrope_per_axis_delta(models):
     torch.testing.assert_close(moved, _keys_at(adapter, raw, target), atol=1e-5, rtol=1e-5)
 
 
-def test_reused_layer0_keys_equal_fresh_keys_at_new_position(models, images):
+def test_reused_layer0_keys_equal_fresh_keys_at_new_position(models, family, images):
     """Layer-0 K/V depend only on the token and its position: reused image keys must match plain ones."""
-    model, processor = models("qwen2_5_vl")
+    model, processor = models(family)
     store = CacheStore()
     first = toy.chat_inputs(processor, [toy.message("user", "a", images[0], images[1], "b")])
     greedy(model, first, VLCache(model, store=store), max_new_tokens=1)
@@ -70,7 +70,7 @@ def test_reused_layer0_keys_equal_fresh_keys_at_new_position(models, images):
     reused = VLCache(model, store=store, policy="none")
     greedy(model, moved, reused, max_new_tokens=1)
     assert reused.report.kv_hits == 2
-    image_rows = (moved["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    image_rows = (moved["input_ids"][0] == get_adapter(model).image_token_id).nonzero().flatten()
     for name in ("keys", "values"):
         ref = getattr(reference.layers[0], name)[:, :, image_rows]
         got = getattr(reused.layers[0], name)[:, :, image_rows]

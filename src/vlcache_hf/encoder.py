@@ -10,6 +10,8 @@ content keys so the prefill can find their K/V.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 import weakref
@@ -54,14 +56,20 @@ def install(adapter: ModelAdapter) -> None:
         return
     original = owner.get_image_features
     setattr(owner, _ORIGINAL_ATTR, original)
+    signature = inspect.signature(original)
 
-    def get_image_features(pixel_values: torch.Tensor, image_grid_thw: Any = None, **kwargs: Any):
+    @functools.wraps(original)  # generate picks the encoder's arguments from this signature
+    def get_image_features(*args: Any, **kwargs: Any):
         cache_ref = _armed.get(owner)
         cache = cache_ref() if cache_ref is not None else None
         if cache is None:
-            return original(pixel_values, image_grid_thw, **kwargs)
-        return_dict = kwargs.pop("return_dict", True)
-        features = encode_images(cache.adapter, cache.store, cache.fingerprint, pixel_values, image_grid_thw, **kwargs)
+            return original(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        arguments.update(arguments.pop("kwargs", {}))
+        return_dict = arguments.pop("return_dict", True)
+        pixel_values = arguments.pop("pixel_values")
+        layout = arguments.pop(adapter.layout_arg, None) if adapter.layout_arg else None
+        features = encode_images(cache.adapter, cache.store, cache.fingerprint, pixel_values, layout, **arguments)
         output = BaseModelOutputWithPooling(pooler_output=tuple(features.embeddings))
         if features.deepstack:
             # what the model's own forward reads from pre-encoded outputs: per layer, per image
@@ -98,15 +106,18 @@ def encode_images(
     store: Any,
     fingerprint: str,
     pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor,
+    layout: torch.Tensor | None,
     image_keys: list[str] | None = None,
     **kwargs: Any,
 ) -> ImageFeatures:
-    """Encoder outputs of every image: stored ones loaded, the rest computed in one encoder call and stored."""
+    """Encoder outputs of every image: stored ones loaded, the rest computed in one encoder call and stored.
+
+    `layout` is the per-image layout argument the family's encoder takes (Qwen's `image_grid_thw`), if any.
+    """
     start = time.perf_counter()
     device = pixel_values.device
-    pixels = adapter.split_pixels(pixel_values, image_grid_thw)
-    grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
+    pixels = adapter.split_pixels(pixel_values, layout)
+    grids = adapter.image_layouts(pixels, layout)
     keys = image_keys or [image_key_from_pixels(p, g) for p, g in zip(pixels, grids)]
     hidden, dtype = adapter.hidden_size, _vision_dtype(adapter)
 
@@ -128,8 +139,7 @@ def encode_images(
     hits = [e is not None for e in embeddings]
     missing = [i for i, hit in enumerate(hits) if not hit]
     if missing:
-        grid = image_grid_thw[missing]
-        output = original_encoder(adapter)(torch.cat([pixels[i] for i in missing]), grid, return_dict=True, **kwargs)
+        output = adapter.encode(original_encoder(adapter), pixels, layout, missing, **kwargs)
         extra = getattr(output, "deepstack_features", None) or []
         for j, (i, emb) in enumerate(zip(missing, output.pooler_output)):
             embeddings[i] = emb

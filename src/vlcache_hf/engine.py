@@ -52,10 +52,9 @@ def _image_features(cache, kwargs: dict[str, Any]) -> encoder.ImageFeatures:
         return encoder.features_from_output(encoded)
     pixels = kwargs.get("pixel_values")
     if pixels is not None:
-        grid = kwargs.get("image_grid_thw")
-        if grid is None:
-            raise VLCacheError("pixel_values were given without image_grid_thw; pass the processor's full output")
-        return encoder.encode_images(cache.adapter, cache.store, cache.fingerprint, pixels, grid)
+        layout_arg = cache.adapter.layout_arg
+        layout = kwargs.get(layout_arg) if layout_arg else None
+        return encoder.encode_images(cache.adapter, cache.store, cache.fingerprint, pixels, layout)
     return encoder.ImageFeatures([], [], [])
 
 

@@ -47,7 +47,7 @@ MEDIUM = ToySize(
 )
 
 
-def build_tokenizer():
+def build_tokenizer(extra_special: tuple[str, ...] = ()):
     """Byte-level Qwen2 tokenizer with no merges: ~263 tokens, works offline."""
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -56,7 +56,7 @@ def build_tokenizer():
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + list(extra_special)})
     return tokenizer
 
 
@@ -70,7 +70,9 @@ CHAT_TEMPLATE = (
 )
 
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava")
+LLAVA_IMAGE_TOKEN = "<image>"
+LLAVA_IMAGE_PX = 56  # CLIP-style 56-px crops, 14-px patches: 16 image tokens (LLaVA-1.5 uses 336 px → 576)
 
 
 def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
@@ -78,6 +80,19 @@ def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min
     16-px patches: 128×128 → 16)."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
 
+    if family == "llava":
+        from transformers import LlavaProcessor
+        from transformers.models.clip import CLIPImageProcessorPil
+
+        side = LLAVA_IMAGE_PX
+        return LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+            tokenizer=build_tokenizer((LLAVA_IMAGE_TOKEN,)),
+            patch_size=PATCH,
+            num_additional_image_tokens=1,
+            vision_feature_select_strategy="default",
+            chat_template=CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", LLAVA_IMAGE_TOKEN),
+        )
     tokenizer = build_tokenizer()
     if family == "qwen3_vl":
         from transformers import Qwen3VLProcessor
@@ -110,8 +125,8 @@ def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min
 
 
 def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: int | None = None) -> Any:
-    """Config of a toy Qwen-VL whose special-token ids match `build_tokenizer()`."""
-    tokenizer = build_tokenizer()
+    """Config of a toy model whose special-token ids match its `build_processor(family)` tokenizer."""
+    tokenizer = build_tokenizer((LLAVA_IMAGE_TOKEN,) if family == "llava" else ())
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=vocab_size or len(tokenizer),
@@ -162,6 +177,25 @@ def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: i
             temporal_patch_size=2,
         )
         return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        text.pop("rope_parameters")
+        vision = CLIPVisionConfig(
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_hidden_layers=max(2, size.vision_depth),
+            num_attention_heads=size.vision_heads,
+            image_size=LLAVA_IMAGE_PX,
+            patch_size=PATCH,
+        )
+        return LlavaConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(**text),
+            image_token_index=ids(LLAVA_IMAGE_TOKEN),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 

@@ -81,6 +81,9 @@ class ModelAdapter(ABC):
         return self.decoder_layers[0].self_attn.config
 
     # -- positions -----------------------------------------------------------------------------------------
+    #: number of position axes: 3 for multimodal RoPE (time, height, width), 1 for plain RoPE
+    position_axes: int = 1
+
     @abstractmethod
     def prompt_positions(self, model_kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
         """Positions of every prompt token as the model would use them: [num_axes, 1, L]."""
@@ -93,9 +96,22 @@ class ModelAdapter(ABC):
         """Set any model state that decoding steps read (e.g. Qwen's `rope_deltas`)."""
 
     # -- images --------------------------------------------------------------------------------------------
+    #: name of the `get_image_features` argument describing each image's layout (grid, size), if any
+    layout_arg: str | None = None
+
     @abstractmethod
-    def split_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
         """Per-image slices of a batch's `pixel_values`."""
+
+    @abstractmethod
+    def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
+        """Per-image layout (e.g. Qwen's (t, h, w) grid), stored with encoder entries and part of the image key."""
+
+    def encode(self, original, pixels: list[torch.Tensor], layout: torch.Tensor | None, indices: list[int], **kwargs):
+        """Run the original `get_image_features` on images `indices` only; returns its output."""
+        if self.layout_arg is not None and layout is not None:
+            kwargs[self.layout_arg] = layout[indices]
+        return original(torch.cat([pixels[i] for i in indices]), return_dict=True, **kwargs)
 
     @abstractmethod
     def image_feature_owner(self) -> nn.Module:

@@ -20,6 +20,7 @@ class QwenVLAdapter(ModelAdapter):
 
     family = "Qwen2-VL / Qwen2.5-VL"
     MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+    position_axes = 3
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -98,9 +99,17 @@ class QwenVLAdapter(ModelAdapter):
         self.model.model.rope_deltas = delta.view(1, 1).to(torch.long)
 
     # -- images --------------------------------------------------------------------------------------------
-    def split_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        sizes = grid_thw.prod(-1).tolist()
-        return list(torch.split(pixel_values, sizes))
+    layout_arg = "image_grid_thw"
+
+    def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
+        if layout is None:
+            from ..errors import VLCacheError
+
+            raise VLCacheError("pixel_values were given without image_grid_thw; pass the processor's full output")
+        return list(torch.split(pixel_values, layout.prod(-1).tolist()))
+
+    def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
+        return [tuple(int(x) for x in grid) for grid in layout.tolist()]
 
     def image_feature_owner(self) -> nn.Module:
         return self.model.model

@@ -1,0 +1,94 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP-style tower, a projector and a Llama-style LLM.
+
+Quirks handled here:
+- plain 1-D RoPE: positions are [1, 1, L] and moving an image is a single-axis shift;
+- every image is one `pixel_values` row with a fixed number of tokens (576 for 336-px CLIP/14), so images
+  split by row; models that pass `image_sizes` (variable resolution, e.g. Pixtral) are not served yet;
+- the LLM is any Llama-like decoder; its rotary module takes [batch, n] positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import VLCacheError
+from .base import KVLayout, ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    """Adapter for `LlavaForConditionalGeneration` (LLaVA-1.5 layout)."""
+
+    family = "LLaVA-1.5"
+    MODEL_TYPES = ("llava",)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        return (
+            getattr(getattr(model, "config", None), "model_type", None) in cls.MODEL_TYPES
+            and inner is not None
+            and hasattr(inner, "language_model")
+            and hasattr(inner, "vision_tower")
+        )
+
+    @property
+    def _text(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._text.layers
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._text.embed_tokens(input_ids)
+
+    def rotary_cos_sin(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._text.rotary_emb(like, position_ids[0])
+
+    def rotation_cos_sin(self, like: torch.Tensor, delta_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rotary = self._text.rotary_emb
+        cos, sin = rotary(like.float(), delta_positions.to(like.device))
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        return cos / scale, sin / scale
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        cfg = self.model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, self.model.dtype)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def prompt_positions(self, model_kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
+        given = model_kwargs.get("position_ids")
+        if given is not None:
+            return given.view(1, 1, -1)
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return (mask.long().cumsum(-1) - 1).clamp(min=0).view(1, 1, -1)
+        return torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
+
+    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+        given = model_kwargs.get("position_ids")
+        source = given if given is not None else positions[0]
+        return source[..., -1:].contiguous()
+
+    layout_arg = "image_sizes"
+
+    def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
+        if layout is not None:
+            raise VLCacheError("LLaVA inputs with image_sizes (variable resolution) are not supported by VLCache yet")
+        return list(pixel_values.split(1))
+
+    def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
+        return [tuple(int(x) for x in p.shape[-2:]) for p in pixels]
+
+    def image_feature_owner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
