@@ -40,22 +40,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _image_features(cache, kwargs: dict[str, Any]) -> encoder.ImageFeatures:
-    """Per-image embeddings and content keys, from `generate`'s pre-encoded outputs or from pixels."""
-    if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video"):
-        raise VLCacheError("video inputs are not supported by VLCache yet; pass images, or generate without VLCache")
-    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    if encoded is not None:
-        features = getattr(encoded, encoder.FEATURES_ATTR, None)
-        if features is not None:
-            return features
-        return encoder.features_from_output(encoded)
-    pixels = kwargs.get("pixel_values")
-    if pixels is not None:
-        layout_arg = cache.adapter.layout_arg
-        layout = kwargs.get(layout_arg) if layout_arg else None
-        return encoder.encode_images(cache.adapter, cache.store, cache.fingerprint, pixels, layout)
-    return encoder.ImageFeatures([], [], [])
+def _visual_features(cache, kwargs: dict[str, Any], input_ids: torch.Tensor):
+    """Per-item embeddings, content keys and token spans of every image and video in the prompt.
+
+    Items come from `generate`'s pre-encoded outputs (tagged by our encoder wrapper) or are encoded here
+    from pixels; items of all modalities are indexed in one list, modality by modality.
+    """
+    features = encoder.ImageFeatures([], [], [])
+    spans: list[ImageSpan] = []
+    for modality in cache.adapter.modalities():
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get(modality.name)
+        if encoded is not None:
+            found = getattr(encoded, encoder.FEATURES_ATTR, None) or encoder.features_from_output(encoded)
+        elif kwargs.get(modality.pixels_arg) is not None:
+            layout = kwargs.get(modality.layout_arg) if modality.layout_arg else None
+            found = encoder.encode_items(
+                cache.adapter, modality, cache.store, cache.fingerprint, kwargs[modality.pixels_arg], layout
+            )
+        else:
+            found = encoder.ImageFeatures([], [], [])
+        spans += find_image_spans(input_ids, modality.token_id, found.tokens_per_image, found.keys, len(features.keys))
+        features = features + found
+    return features, sorted(spans, key=lambda span: span.start)
 
 
 def _input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -86,9 +92,8 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
     num_tokens, chunk = total - 1, cache.prefix_chunk_size
     timings = PrefillTimings()
 
-    features = _image_features(cache, kwargs)
+    features, spans = _visual_features(cache, kwargs, input_ids)
     timings.encoder_s = features.seconds
-    spans = find_image_spans(input_ids, adapter.image_token_id, features.tokens_per_image, features.keys)
     positions = adapter.prompt_positions(kwargs, input_ids)
     image_keys_at = {pos: s.key for s in spans for pos in range(s.start, s.end)}
     chunk_hashes = chain_prefix_hashes(fp, input_ids[0, :num_tokens].tolist(), image_keys_at, chunk)

@@ -30,11 +30,16 @@ class ImageSpan:
 
 
 def find_image_spans(
-    input_ids: torch.Tensor, image_token_id: int, tokens_per_image: list[int], image_keys: list[str]
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    tokens_per_image: list[int],
+    image_keys: list[str],
+    first_index: int = 0,
 ) -> list[ImageSpan]:
-    """Assign the prompt's image placeholder tokens to images, in order.
+    """Assign the prompt's placeholder tokens of one modality to its items (images, videos), in order.
 
-    Raises a `VLCacheError` when the number of placeholder tokens does not match the images given.
+    Items are numbered from `first_index`. Raises a `VLCacheError` when the number of placeholder tokens
+    does not match the items given.
     """
     positions = torch.nonzero(input_ids.flatten() == image_token_id, as_tuple=False).flatten().tolist()
     expected = sum(tokens_per_image)
@@ -45,7 +50,7 @@ def find_image_spans(
         )
     spans: list[ImageSpan] = []
     cursor = 0
-    for index, (count, key) in enumerate(zip(tokens_per_image, image_keys)):
+    for index, (count, key) in enumerate(zip(tokens_per_image, image_keys), start=first_index):
         chunk = positions[cursor : cursor + count]
         cursor += count
         if chunk and chunk[-1] - chunk[0] + 1 != count:

@@ -64,7 +64,8 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -109,7 +110,7 @@ def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min
             chat_template=CHAT_TEMPLATE,
         )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor()
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels, do_sample_frames=False)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLProcessor as Processor
     elif family == "qwen2_vl":
@@ -249,14 +250,30 @@ def image_tokens(size: int) -> int:
     return side * side
 
 
-def message(role: str, *parts: str | Image.Image) -> dict:
-    """A chat message whose content mixes text and PIL images, in order."""
-    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
-    return {"role": role, "content": content}
+def make_video(seed: int, frames: int = 4, size: int = 112) -> np.ndarray:
+    """A deterministic clip [frames, size, size, 3]: one picture drifting a few pixels per frame."""
+    base = np.array(make_image(seed, size + 4 * frames))
+    return np.stack([base[4 * f : 4 * f + size, 2 * f : 2 * f + size] for f in range(frames)])
+
+
+def _part(part: str | Image.Image | np.ndarray) -> dict:
+    if isinstance(part, Image.Image):
+        return {"type": "image", "image": part}
+    if isinstance(part, np.ndarray):
+        return {"type": "video", "video": part}
+    return {"type": "text", "text": part}
+
+
+def message(role: str, *parts: str | Image.Image | np.ndarray) -> dict:
+    """A chat message whose content mixes text, PIL images and videos ([frames, H, W, 3] arrays), in order."""
+    return {"role": role, "content": [_part(p) for p in parts]}
 
 
 def chat_inputs(processor, messages: list[dict], add_generation_prompt: bool = True):
     """Processor inputs (`input_ids`, `pixel_values`, ...) for a chat whose messages come from `message`."""
-    images = [item["image"] for msg in messages for item in msg["content"] if item["type"] == "image"]
+    items = [item for msg in messages for item in msg["content"]]
+    images = [item["image"] for item in items if item["type"] == "image"]
+    videos = [item["video"] for item in items if item["type"] == "video"]
     text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    return processor(text=[text], images=images or None, return_tensors="pt")
+    extra = {"videos": videos} if videos else {}
+    return processor(text=[text], images=images or None, return_tensors="pt", **extra)

@@ -16,6 +16,17 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class Modality:
+    """One kind of visual input: its placeholder token, encoder method and `generate` argument names."""
+
+    name: str  # "image" | "video": the key in `mm_encoder_outputs`
+    token_id: int
+    encoder_method: str  # e.g. "get_image_features"
+    pixels_arg: str  # e.g. "pixel_values"
+    layout_arg: str | None  # e.g. "image_grid_thw"
+
+
+@dataclass(frozen=True)
 class KVLayout:
     """Shape of the per-layer KV cache: what a stored KV entry must match."""
 
@@ -95,9 +106,13 @@ class ModelAdapter(ABC):
     def after_prefill(self, positions: torch.Tensor, num_tokens: int) -> None:
         """Set any model state that decoding steps read (e.g. Qwen's `rope_deltas`)."""
 
-    # -- images --------------------------------------------------------------------------------------------
+    # -- images and videos ---------------------------------------------------------------------------------
     #: name of the `get_image_features` argument describing each image's layout (grid, size), if any
     layout_arg: str | None = None
+
+    def modalities(self) -> list[Modality]:
+        """The visual inputs this family takes; images only unless an adapter adds more."""
+        return [Modality("image", self.image_token_id, "get_image_features", "pixel_values", self.layout_arg)]
 
     @abstractmethod
     def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
@@ -107,10 +122,12 @@ class ModelAdapter(ABC):
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
         """Per-image layout (e.g. Qwen's (t, h, w) grid), stored with encoder entries and part of the image key."""
 
-    def encode(self, original, pixels: list[torch.Tensor], layout: torch.Tensor | None, indices: list[int], **kwargs):
-        """Run the original `get_image_features` on images `indices` only; returns its output."""
-        if self.layout_arg is not None and layout is not None:
-            kwargs[self.layout_arg] = layout[indices]
+    def encode(
+        self, modality: Modality, original, pixels: list[torch.Tensor], layout: torch.Tensor | None, indices: list[int], **kwargs
+    ):
+        """Run the original encoder method on items `indices` only; returns its output."""
+        if modality.layout_arg is not None and layout is not None:
+            kwargs[modality.layout_arg] = layout[indices]
         return original(torch.cat([pixels[i] for i in indices]), return_dict=True, **kwargs)
 
     @abstractmethod

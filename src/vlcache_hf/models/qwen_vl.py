@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import KVLayout, ModelAdapter
+from .base import KVLayout, Modality, ModelAdapter
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -76,16 +76,19 @@ class QwenVLAdapter(ModelAdapter):
             if given.ndim == 2:
                 return given[None].expand(3, -1, -1)
             return given
-        grid = model_kwargs.get("image_grid_thw")
+        grid, video_grid = model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw")
         token_types = model_kwargs.get("mm_token_type_ids")
-        if grid is None or token_types is None:
+        if (grid is None and video_grid is None) or token_types is None:
             length = input_ids.shape[1]
             return torch.arange(length, device=input_ids.device).view(1, 1, -1).expand(3, 1, -1)
+        extra = {"second_per_grid_ts": model_kwargs["second_per_grid_ts"]} if model_kwargs.get("second_per_grid_ts") is not None else {}
         positions, _ = self.model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=token_types,
             image_grid_thw=grid,
+            video_grid_thw=video_grid,
             attention_mask=model_kwargs.get("attention_mask"),
+            **extra,
         )
         return positions
 
@@ -98,8 +101,15 @@ class QwenVLAdapter(ModelAdapter):
         delta = positions.max() + 1 - num_tokens
         self.model.model.rope_deltas = delta.view(1, 1).to(torch.long)
 
-    # -- images --------------------------------------------------------------------------------------------
+    # -- images and videos ---------------------------------------------------------------------------------
     layout_arg = "image_grid_thw"
+
+    def modalities(self) -> list[Modality]:
+        """Images, and videos: a video is one item whose frames share one KV span (temporal axis included)."""
+        video = Modality(
+            "video", int(self.model.config.video_token_id), "get_video_features", "pixel_values_videos", "video_grid_thw"
+        )
+        return [*super().modalities(), video]
 
     def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
         if layout is None:

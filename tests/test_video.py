@@ -1,0 +1,61 @@
+"""Videos (Qwen2-VL / Qwen2.5-VL): one KV span per video, re-rotated on all three axes when it moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import greedy, kl_first_token
+
+from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf.models import get_adapter
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [toy.make_video(seed) for seed in (1, 2)]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_video_full_policy_exact_and_encoder_skipped_when_moved(models, family, clips, images, encoder_counter):
+    model, processor = models(family)
+    store = CacheStore()
+    first = toy.chat_inputs(processor, [toy.message("user", "Watch:", clips[0], images[0], "What moves?")])
+    assert "pixel_values_videos" in first
+    greedy(model, first, VLCache(model, store=store, policy="full"))
+    moved = toy.chat_inputs(processor, [toy.message("user", "Another question entirely.", images[0], clips[0], "Again?")])
+    plain = greedy(model, moved)
+    counter = encoder_counter(model)
+    cache = VLCache(model, store=store, policy="full")
+    ours = greedy(model, moved, cache)
+    assert counter.calls == 0
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+    assert cache.report.encoder_hits == 2 and cache.report.images == 2
+
+
+def test_video_exact_repeat_and_moved_reuse(models, clips):
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    first = toy.chat_inputs(processor, [toy.message("user", "Clip:", clips[1], "Describe.")])
+    greedy(model, first, VLCache(model, store=store, prefix_chunk_size=16))
+    plain = greedy(model, first)
+    repeat = VLCache(model, store=store, policy="none", prefix_chunk_size=16)
+    ours = greedy(model, first, repeat)
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert repeat.report.kv_hits == 1
+
+    moved = toy.chat_inputs(processor, [toy.message("user", "A much longer and different preamble:", clips[1], "Describe.")])
+    plain = greedy(model, moved)
+    cache = VLCache(model, store=store, policy="none")
+    ours = greedy(model, moved, cache)
+    video_tokens = int((moved["input_ids"][0] == model.config.video_token_id).sum())
+    assert cache.report.kv_hits == 1 and cache.report.reused_tokens == video_tokens
+    kl = kl_first_token(plain, ours)
+    print(f"video moved, naive reuse: KL {kl:.3e}")
+    assert 0 < kl < 0.05
+
+    # layer-0 K/V depend only on token and position: the re-rotated video keys equal fresh ones
+    reference = VLCache(model, store=CacheStore(), policy="full")
+    greedy(model, moved, reference, max_new_tokens=1)
+    rows = (moved["input_ids"][0] == get_adapter(model).modalities()[1].token_id).nonzero().flatten()
+    torch.testing.assert_close(cache.layers[0].keys[:, :, rows], reference.layers[0].keys[:, :, rows], atol=1e-5, rtol=1e-5)
