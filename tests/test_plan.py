@@ -18,6 +18,13 @@ def test_find_image_spans_in_order():
     assert [(s.index, s.start, s.end, s.key) for s in spans] == [(0, 1, 3, "a"), (1, 5, 8, "b")]
 
 
+def test_interleaved_item_gets_one_span_per_run():
+    """Qwen3-VL video frames are separated by timestamp text: each run is its own span."""
+    ids = torch.tensor([[1, IMG, IMG, 5, 6, IMG, IMG, 2]])
+    spans = find_image_spans(ids, IMG, [4], ["v"])
+    assert [(s.index, s.start, s.end, s.key, s.offset) for s in spans] == [(0, 1, 3, "v:0", 0), (0, 5, 7, "v:1", 2)]
+
+
 def test_find_image_spans_mismatch_is_a_clear_error():
     ids = torch.tensor([[1, IMG, IMG, 2]])
     with pytest.raises(VLCacheError, match="2 image tokens but the 2 image"):
@@ -27,9 +34,9 @@ def test_find_image_spans_mismatch_is_a_clear_error():
 def test_plan_prefix_then_reused_spans_then_fresh():
     ids = torch.tensor([[1] * 4 + [IMG] * 4 + [2] * 2 + [IMG] * 4 + [3] * 3])
     spans = find_image_spans(ids, IMG, [4, 4], ["a", "b"])
-    plan = plan_prefill(16, spans, prefix_tokens=6, kv_hit_images={0, 1})
+    plan = plan_prefill(16, spans, prefix_tokens=6, kv_hit_keys={"a", "b"})
     # image 0 is half inside the prefix: only its part past the prefix is a moved span
-    assert [(s.index, s.start, s.end) for s in plan.reused_spans] == [(0, 6, 8), (1, 10, 14)]
+    assert [(s.index, s.start, s.end, s.offset) for s in plan.reused_spans] == [(0, 6, 8, 2), (1, 10, 14, 0)]
     assert plan.fresh_mask.nonzero().flatten().tolist() == [8, 9, 14, 15]
     assert plan.reused_count == 6 + 2 + 4
 

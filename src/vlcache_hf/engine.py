@@ -79,7 +79,8 @@ def _input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
 def _embeddings(cache, input_ids: torch.Tensor, spans: list[ImageSpan], features: encoder.ImageFeatures):
     embeds = cache.adapter.embed_tokens(input_ids)
     for span in spans:
-        embeds[0, span.start : span.end] = features.embeddings[span.index].to(embeds.device, embeds.dtype)
+        rows = features.embeddings[span.index][span.offset : span.offset + span.length]
+        embeds[0, span.start : span.end] = rows.to(embeds.device, embeds.dtype)
     return embeds
 
 
@@ -101,14 +102,14 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
     # 1. what the store already holds
     tick = time.perf_counter()
     prefix_entries: list[KVEntry] = []
-    span_entries: dict[int, KVEntry] = {}
+    span_entries: dict[str, KVEntry] = {}
     if policy.reuses_kv:
         prefix_entries = load_prefix(store, fp, layout, chunk_hashes, chunk)
         for span in spans:
             if len(prefix_entries) * chunk < span.end <= num_tokens:
                 entry = load_image_kv(store, fp, layout, span)
                 if entry is not None:
-                    span_entries[span.index] = entry
+                    span_entries[span.key] = entry
     plan = plan_prefill(num_tokens, spans, len(prefix_entries) * chunk, set(span_entries), device)
     buffers = allocate_buffers(layout, num_tokens, device)
     fill_prefix(buffers, prefix_entries, chunk)
@@ -117,10 +118,8 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
 
     # 2. reused image spans at their new positions
     tick = time.perf_counter()
-    whole = {s.index: s for s in spans}
-    for part in plan.reused_spans:
-        offset = part.start - whole[part.index].start
-        fill_moved(adapter, buffers, span_entries[part.index], offset, part.start, part.end, positions)
+    for part in plan.reused_spans:  # part.offset: where the reused part starts within its stored span
+        fill_moved(adapter, buffers, span_entries[part.key], part.offset, part.start, part.end, positions)
     for layer_idx, layer in enumerate(cache.layers):
         layer.load(buffers[layer_idx, 0], buffers[layer_idx, 1])
     _sync(device)
@@ -150,7 +149,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         exact_until = min((p.start for p in plan.reused_spans), default=num_tokens)
         publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, len(prefix_entries), exact_until)
         for span in spans:
-            if span.end <= num_tokens and span.index not in span_entries and span.end > plan.prefix_tokens:
+            if span.end <= num_tokens and span.key not in span_entries and span.end > plan.prefix_tokens:
                 publish_image(store, fp, layer_buffers, positions, span)
     _sync(device)
     timings.publish_s = time.perf_counter() - tick
@@ -158,7 +157,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
     timings.total_s = features.seconds + time.perf_counter() - start
 
     computed_at_layer0 = counts[0] if counts else 0
-    kv_hits = sum(1 for s in spans if s.end <= plan.prefix_tokens or s.index in span_entries)
+    kv_hits = sum(1 for s in spans if s.end <= plan.prefix_tokens or s.key in span_entries)
     cache.report = PrefillReport(
         policy=policy.name,
         total_tokens=total,
@@ -167,7 +166,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         recomputed_tokens=computed_at_layer0 + 1,
         recomputed_per_layer=[c + 1 for c in counts],
         image_tokens=sum(s.length for s in spans),
-        images=len(spans),
+        images=len({s.index for s in spans}),
         encoder_hits=sum(features.hits),
         encoder_misses=len(features.hits) - sum(features.hits),
         kv_hits=kv_hits if policy.reuses_kv else 0,

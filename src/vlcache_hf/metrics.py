@@ -23,9 +23,10 @@ class PrefillReport:
 
     `reused_tokens + recomputed_tokens == total_tokens`. A token counts as recomputed if any layer computed
     it; the final prompt token is always computed (by the model's own forward, which yields the first
-    logits). `recomputed_per_layer[l]` is how many tokens layer l computed. `kv_hits` / `kv_misses` count
-    images whose K/V was / was not found (inside an exact prefix hit or as a stored image span); policy
-    "full" looks nothing up and reports 0 for both.
+    logits). `recomputed_per_layer[l]` is how many tokens layer l computed. `images` counts visual items
+    (images and videos); `encoder_hits` / `encoder_misses` count items; `kv_hits` / `kv_misses` count
+    their token spans (one per item, or one per frame group for Qwen3-VL videos) whose K/V was / was not
+    found (inside an exact prefix hit or as a stored span); policy "full" looks nothing up and reports 0.
     """
 
     policy: str

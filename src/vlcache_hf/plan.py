@@ -17,12 +17,17 @@ from .selection import ReusedSpan
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """Image `index` of the prompt occupies tokens [start, end) and has content key `key`."""
+    """Item `index` (an image or video) has its rows [offset, offset + end - start) at tokens [start, end).
+
+    An item whose placeholders are interleaved with text (Qwen3-VL puts a timestamp before each video frame
+    group) gets one span per contiguous run, each keyed on its own (`<item key>:<run>`).
+    """
 
     index: int
     start: int
     end: int
     key: str
+    offset: int = 0
 
     @property
     def length(self) -> int:
@@ -51,13 +56,23 @@ def find_image_spans(
     spans: list[ImageSpan] = []
     cursor = 0
     for index, (count, key) in enumerate(zip(tokens_per_image, image_keys), start=first_index):
-        chunk = positions[cursor : cursor + count]
+        rows = positions[cursor : cursor + count]
         cursor += count
-        if chunk and chunk[-1] - chunk[0] + 1 != count:
-            raise VLCacheError(f"the placeholder tokens of image {index} are not contiguous in the prompt")
-        if chunk:
-            spans.append(ImageSpan(index, chunk[0], chunk[-1] + 1, key))
+        runs = _contiguous_runs(rows)
+        for part, (offset, start, end) in enumerate(runs):
+            spans.append(ImageSpan(index, start, end, key if len(runs) == 1 else f"{key}:{part}", offset))
     return spans
+
+
+def _contiguous_runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """(offset into rows, start, end) of each run of consecutive token positions."""
+    runs: list[tuple[int, int, int]] = []
+    for offset, row in enumerate(rows):
+        if runs and runs[-1][2] == row:
+            runs[-1] = (runs[-1][0], runs[-1][1], row + 1)
+        else:
+            runs.append((offset, row, row + 1))
+    return runs
 
 
 @dataclass
@@ -83,19 +98,20 @@ def plan_prefill(
     num_tokens: int,
     image_spans: list[ImageSpan],
     prefix_tokens: int,
-    kv_hit_images: set[int],
+    kv_hit_keys: set[str],
     device: torch.device | str = "cpu",
 ) -> PrefillPlan:
-    """Plan tokens [0, num_tokens): reuse the exact prefix, reuse stored image spans past it, compute the rest.
+    """Plan tokens [0, num_tokens): reuse the exact prefix, reuse stored spans past it, compute the rest.
 
-    An image partly inside the prefix keeps only its part past the prefix as a reused span.
+    `kv_hit_keys` are the keys of the spans whose K/V was found. A span partly inside the prefix keeps only
+    its part past the prefix as a reused span (its `offset` then says where that part starts in the span).
     """
     fresh = torch.ones(num_tokens, dtype=torch.bool, device=device)
     fresh[:prefix_tokens] = False
     reused: list[ImageSpan] = []
     for span in image_spans:
         start, end = max(span.start, prefix_tokens), min(span.end, num_tokens)
-        if span.index in kv_hit_images and start < end:
-            reused.append(ImageSpan(span.index, start, end, span.key))
+        if span.key in kv_hit_keys and start < end:
+            reused.append(ImageSpan(span.index, start, end, span.key, start - span.start))
             fresh[start:end] = False
     return PrefillPlan(num_tokens, prefix_tokens, reused, fresh)

@@ -32,6 +32,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
             for span in spans:
                 end = min(span.end, num_tokens)
                 if span.start < end:
-                    added[0, span.start : end] = features.deepstack[span.index][layer][: end - span.start]
+                    rows = features.deepstack[span.index][layer]
+                    added[0, span.start : end] = rows[span.offset : span.offset + end - span.start]
             injections[layer] = added
         return injections
