@@ -71,9 +71,10 @@ CHAT_TEMPLATE = (
 )
 
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next")
 LLAVA_IMAGE_TOKEN = "<image>"
 LLAVA_IMAGE_PX = 56  # CLIP-style 56-px crops, 14-px patches: 16 image tokens (LLaVA-1.5 uses 336 px → 576)
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # tiles of 56 px: up to 4 crops + the base view
 
 
 def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
@@ -81,13 +82,20 @@ def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min
     16-px patches: 128×128 → 16)."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
 
-    if family == "llava":
-        from transformers import LlavaProcessor
+    if family in ("llava", "llava_next"):
+        from transformers import LlavaNextProcessor, LlavaProcessor
         from transformers.models.clip import CLIPImageProcessorPil
+        from transformers.models.llava_next import LlavaNextImageProcessorPil
 
         side = LLAVA_IMAGE_PX
-        return LlavaProcessor(
-            image_processor=CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        crop = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        if family == "llava":
+            processor_cls, image_processor = LlavaProcessor, CLIPImageProcessorPil(**crop)
+        else:
+            processor_cls = LlavaNextProcessor
+            image_processor = LlavaNextImageProcessorPil(**crop, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+        return processor_cls(
+            image_processor=image_processor,
             tokenizer=build_tokenizer((LLAVA_IMAGE_TOKEN,)),
             patch_size=PATCH,
             num_additional_image_tokens=1,
@@ -127,7 +135,7 @@ def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min
 
 def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: int | None = None) -> Any:
     """Config of a toy model whose special-token ids match its `build_processor(family)` tokenizer."""
-    tokenizer = build_tokenizer((LLAVA_IMAGE_TOKEN,) if family == "llava" else ())
+    tokenizer = build_tokenizer((LLAVA_IMAGE_TOKEN,) if family.startswith("llava") else ())
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=vocab_size or len(tokenizer),
@@ -178,8 +186,8 @@ def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: i
             temporal_patch_size=2,
         )
         return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
-    if family == "llava":
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    if family in ("llava", "llava_next"):
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
         text.pop("rope_parameters")
         vision = CLIPVisionConfig(
@@ -190,13 +198,16 @@ def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: i
             image_size=LLAVA_IMAGE_PX,
             patch_size=PATCH,
         )
-        return LlavaConfig(
+        common = dict(
             vision_config=vision,
             text_config=LlamaConfig(**text),
             image_token_index=ids(LLAVA_IMAGE_TOKEN),
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
+        if family == "llava_next":
+            return LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+        return LlavaConfig(**common)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 

@@ -6,11 +6,11 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import KVLayout, ModelAdapter
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, LlavaNextAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [QwenVLAdapter, Qwen3VLAdapter, LlavaAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [QwenVLAdapter, Qwen3VLAdapter, LlavaAdapter, LlavaNextAdapter]
 
 
 def supported_families() -> list[str]:

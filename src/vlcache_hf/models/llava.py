@@ -76,7 +76,7 @@ class LlavaAdapter(ModelAdapter):
         source = given if given is not None else positions[0]
         return source[..., -1:].contiguous()
 
-    layout_arg = "image_sizes"
+    layout_arg = "image_sizes"  # LLaVA-1.5 passes none; a model that does has variable-size images
 
     def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
         if layout is not None:
@@ -92,3 +92,25 @@ class LlavaAdapter(ModelAdapter):
     @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Adapter for `LlavaNextForConditionalGeneration` (LLaVA-NeXT / LLaVA-1.6).
+
+    An image is tiled into a base view plus high-resolution crops chosen from its size, and the projected
+    features are packed with an `image_newline` embedding after every row; `get_image_features` returns
+    them per image, so the encoder cache stores that packed sequence and reuses it as is. `pixel_values`
+    is [images, max crops, C, H, W] with `image_sizes` [images, 2]: both split by image row.
+    """
+
+    family = "LLaVA-NeXT"
+    MODEL_TYPES = ("llava_next",)
+    layout_arg = "image_sizes"
+
+    def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
+        if layout is None:
+            raise VLCacheError("LLaVA-NeXT pixel_values need their image_sizes; pass the processor's full output")
+        return list(pixel_values.split(1))
+
+    def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
+        return [(*(int(x) for x in size), *(int(x) for x in p.shape[1:])) for size, p in zip(layout.tolist(), pixels)]
