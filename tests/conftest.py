@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 from helpers import EncoderCounter
 
 from vlcache_hf import toy

@@ -20,7 +20,7 @@ def assert_same_as_plain(model, inputs, make_cache, atol: float = 1e-4) -> VLCac
     cache = make_cache()
     ours = greedy(model, inputs, cache)
     assert torch.equal(plain.sequences, ours.sequences), (plain.sequences, ours.sequences)
-    for step, (a, b) in enumerate(zip(plain.scores, ours.scores)):
+    for step, (a, b) in enumerate(zip(plain.scores, ours.scores, strict=True)):
         diff = (a - b).abs().max().item()
         assert diff < atol, f"step {step}: logits differ by {diff}"
     return cache

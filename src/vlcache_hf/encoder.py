@@ -96,7 +96,7 @@ def _wrapper(owner: nn.Module, modality: Modality, original):
         output = BaseModelOutputWithPooling(pooler_output=tuple(features.embeddings))
         if features.deepstack:
             # what the model's own forward reads from pre-encoded outputs: per layer, per item
-            output["deepstack_features"] = [tuple(layers) for layers in zip(*features.deepstack)]
+            output["deepstack_features"] = [tuple(layers) for layers in zip(*features.deepstack, strict=True)]
         setattr(output, FEATURES_ATTR, features)
         return output if return_dict else output.to_tuple()
 
@@ -149,7 +149,7 @@ def encode_items(
     device = pixel_values.device
     pixels = adapter.split_pixels(pixel_values, layout)
     layouts = adapter.image_layouts(pixels, layout)
-    keys = item_keys or [image_key_from_pixels(p, g, modality.name) for p, g in zip(pixels, layouts)]
+    keys = item_keys or [image_key_from_pixels(p, g, modality.name) for p, g in zip(pixels, layouts, strict=True)]
     hidden, dtype = adapter.hidden_size, _vision_dtype(adapter)
     store_keys = [entry_key(ENCODER_KIND, fingerprint, key) for key in keys]
 

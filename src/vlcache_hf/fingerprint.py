@@ -8,8 +8,8 @@ import weakref
 import torch
 from torch import nn
 
-from .store.keys import digest, model_fingerprint, tensor_parts
 from .store.entry import FORMAT_VERSION
+from .store.keys import digest, model_fingerprint, tensor_parts
 
 _SAMPLES_PER_TENSOR = 1024
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation_autoset"}

@@ -55,7 +55,7 @@ def find_image_spans(
         )
     spans: list[ImageSpan] = []
     cursor = 0
-    for index, (count, key) in enumerate(zip(tokens_per_image, image_keys), start=first_index):
+    for index, (count, key) in enumerate(zip(tokens_per_image, image_keys, strict=True), start=first_index):
         rows = positions[cursor : cursor + count]
         cursor += count
         runs = _contiguous_runs(rows)

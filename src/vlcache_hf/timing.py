@@ -6,6 +6,7 @@ import time
 from statistics import median
 
 import torch
+
 from .compat import with_cache
 
 

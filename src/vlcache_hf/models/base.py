@@ -103,7 +103,7 @@ class ModelAdapter(ABC):
     def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
         """`position_ids` to hand the model's own forward for the final prompt token."""
 
-    def after_prefill(self, positions: torch.Tensor, num_tokens: int) -> None:
+    def after_prefill(self, positions: torch.Tensor, num_tokens: int) -> None:  # noqa: B027 (optional hook)
         """Set any model state that decoding steps read (e.g. Qwen's `rope_deltas`)."""
 
     # -- images and videos ---------------------------------------------------------------------------------

@@ -113,4 +113,4 @@ class LlavaNextAdapter(LlavaAdapter):
         return list(pixel_values.split(1))
 
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
-        return [(*(int(x) for x in size), *(int(x) for x in p.shape[1:])) for size, p in zip(layout.tolist(), pixels)]
+        return [(*(int(x) for x in size), *(int(x) for x in p.shape[1:])) for size, p in zip(layout.tolist(), pixels, strict=True)]
