@@ -42,3 +42,22 @@ def test_normalise_set_keeps_fresh_and_nesting():
     current = torch.tensor([0, 2, 3, 5])
     assert normalise_set(torch.tensor([3, 9, 2]), current, fresh).tolist() == [0, 2, 3, 5]
     assert normalise_set(torch.tensor([3]), current, fresh).tolist() == [0, 3, 5]
+
+
+def test_appends_write_in_place_and_survive_crop_and_reorder():
+    layer = VLCacheLayer()
+    storage_k, storage_v = torch.zeros(1, 1, 8, 2), torch.zeros(1, 1, 8, 2)
+    layer.load(storage_k, storage_v, length=3)
+    assert layer.get_seq_length() == 3
+    k, v = layer.update(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    assert k.data_ptr() == storage_k.data_ptr() and k.shape[2] == 5  # written into spare capacity
+    assert storage_k[0, 0, 3:5].eq(1).all()
+    layer.crop(-1)
+    k, _ = layer.update(torch.full((1, 1, 1, 2), 5.0), torch.full((1, 1, 1, 2), 5.0))
+    assert k[0, 0, :, 0].tolist() == [0, 0, 0, 1, 5]
+    for step in range(6):  # past the capacity: grows, keeps every row
+        k, _ = layer.update(torch.full((1, 1, 1, 2), float(step)), torch.zeros(1, 1, 1, 2))
+    assert k.shape[2] == 11 and k[0, 0, :, 0].tolist() == [0, 0, 0, 1, 5, 0, 1, 2, 3, 4, 5]
+    layer.batch_repeat_interleave(2)  # a reorder leaves our storage: the next append re-homes
+    k, _ = layer.update(torch.full((2, 1, 1, 2), 9.0), torch.zeros(2, 1, 1, 2))
+    assert k.shape == (2, 1, 12, 2) and k[1, 0, -1, 0] == 9

@@ -32,22 +32,28 @@ def default_store() -> CacheStore:
 
 
 class VLCacheLayer(DynamicLayer):
-    """A `DynamicLayer` that can also take scatter writes into preloaded full-length buffers.
+    """A `DynamicLayer` that takes scatter writes into preloaded full-length buffers, then appends in place.
 
     During the selective prefill, `begin_write(indices)` makes the next `update` write the given rows of the
     buffers and return the whole buffers (so the recomputed queries attend to every prompt token). Outside
-    that window it appends like a `DynamicLayer`, which is what decoding needs.
+    that window it appends like a `DynamicLayer`, but into spare capacity of its storage instead of
+    concatenating the whole cache at every step (capacity doubles when full), so the final prompt token and
+    each decoding step cost O(new tokens) in copies rather than O(cache length).
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
         self._write_index: torch.Tensor | None = None
         self._capture = False
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None
         self._written: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys, self.values = keys, values
+    def load(self, keys: torch.Tensor, values: torch.Tensor, length: int | None = None) -> None:
+        """Adopt storage [batch, heads, capacity, head_dim]; the first `length` rows are the cache."""
+        length = keys.shape[-2] if length is None else length
+        self._storage = (keys, values)
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
         self.device = keys.device
         self.is_initialized = True
 
@@ -61,16 +67,45 @@ class VLCacheLayer(DynamicLayer):
         self._write_index, self._capture, self._previous, self._written = None, False, None, None
         return observation
 
+    def _owns_views(self) -> bool:
+        """True while keys/values are still prefixes of our storage (crop keeps that; reorders do not)."""
+        if self._storage is None or self.keys is None:
+            return False
+        storage_k, storage_v = self._storage
+        return self.keys.data_ptr() == storage_k.data_ptr() and self.values.data_ptr() == storage_v.data_ptr()
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        if not self._owns_views() or length + new > self._storage[0].shape[-2]:
+            capacity = max(2 * (length + new), 64)
+            grown = []
+            for current in (self.keys, self.values):
+                buffer = current.new_empty((*current.shape[:-2], capacity, current.shape[-1]))
+                buffer[..., :length, :] = current
+                grown.append(buffer)
+            self._storage = (grown[0], grown[1])
+        storage_k, storage_v = self._storage
+        storage_k[..., length : length + new, :] = key_states
+        storage_v[..., length : length + new, :] = value_states
+        self.keys, self.values = storage_k[..., : length + new, :], storage_v[..., : length + new, :]
+        return self.keys, self.values
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         index = self._write_index
         if index is None:
-            return super().update(key_states, value_states, *args, **kwargs)
+            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+                return super().update(key_states, value_states, *args, **kwargs)
+            return self._append(key_states, value_states)
         if self._capture:
             self._previous = (self.keys.index_select(2, index), self.values.index_select(2, index))
             self._written = (key_states, value_states)
         self.keys.index_copy_(2, index, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, index, value_states.to(self.values.dtype))
         return self.keys, self.values
+
+    def reset(self) -> None:
+        self._storage = None
+        super().reset()
 
 
 class VLCache(Cache):

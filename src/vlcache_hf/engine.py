@@ -121,7 +121,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
     for part in plan.reused_spans:  # part.offset: where the reused part starts within its stored span
         fill_moved(adapter, buffers, span_entries[part.key], part.offset, part.start, part.end, positions)
     for layer_idx, layer in enumerate(cache.layers):
-        layer.load(buffers[layer_idx, 0], buffers[layer_idx, 1])
+        layer.load(buffers[layer_idx, 0], buffers[layer_idx, 1], num_tokens)
     _sync(device)
     timings.rerotation_s = time.perf_counter() - tick
 

@@ -16,11 +16,18 @@ from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
 from .store.entry import KVEntry
 
+DECODE_HEADROOM = 256
+
 
 def allocate_buffers(layout: KVLayout, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """One [num_layers, 2, 1, kv_heads, num_tokens, head_dim] block; rows are filled before they are read."""
+    """One [num_layers, 2, 1, kv_heads, capacity, head_dim] block; rows are filled before they are read.
+
+    The capacity leaves room for the final prompt token and the first decoding steps, which then append
+    in place (see `VLCacheLayer`).
+    """
+    capacity = num_tokens + DECODE_HEADROOM
     return torch.empty(
-        (layout.num_layers, 2, 1, layout.num_kv_heads, num_tokens, layout.head_dim), dtype=layout.dtype, device=device
+        (layout.num_layers, 2, 1, layout.num_kv_heads, capacity, layout.head_dim), dtype=layout.dtype, device=device
     )
 
 
