@@ -250,20 +250,43 @@ def bench_scenarios(model, processor, size: BenchSize, kinds: set[str], mode_nam
     return results, skipped
 
 
-def sweep(model, processor, size: BenchSize, mode_names: list[str] | None) -> list[dict]:
-    """TTFT vs prompt length (number of images) per mode, on the non-prefix scenario."""
+def _sweep_point(model, processor, size: BenchSize, modes: list[Mode], axis: str, value: float) -> list[dict]:
+    scenario = build_scenarios(processor, size, {"b"})[0]
+    seeded = _seeded_store(model, scenario)
     rows = []
-    modes, _ = available_modes(mode_names or ["full", "naive", "vlcache 5%"])
+    for mode in modes:
+        times, report = run_mode(model, scenario, mode, size.repeats, seeded)
+        row = {
+            "axis": axis,
+            "value": value,
+            "images": size.images,
+            "image_tokens": toy.image_tokens(size.image_px),
+            "prompt_tokens": int(scenario.target["input_ids"].shape[1]),
+            "mode": mode.name,
+            "ttft_s": summarize(times)["median"],
+            "recomputed_tokens": report.recomputed_tokens if report else None,
+        }
+        rows.append(row)
+        print(f"  sweep {axis}={value:<6g} {mode.name:15s} {row['prompt_tokens']:6d} tokens {row['ttft_s'] * 1e3:9.1f} ms", flush=True)
+    return rows
+
+
+def sweep(model, processor, size: BenchSize) -> list[dict]:
+    """How TTFT grows, on the non-prefix scenario: with the number of images, with tokens per image, and
+    (for selective policies) with the recompute budget."""
+    repeats = max(1, size.repeats - 1)
+    base, _ = available_modes(["full", "naive", "vlcache 5%"])
+    rows: list[dict] = []
     for count in (1, 2, 4, 8):
-        sub = BenchSize(size.model, size.image_px, count, max(1, size.repeats - 1))
-        scenario = build_scenarios(processor, sub, {"b"})[0]
-        seeded = _seeded_store(model, scenario)
-        for mode in modes:
-            if mode.kind == "hf_prefix":
-                continue
-            times, _ = run_mode(model, scenario, mode, sub.repeats, seeded)
-            rows.append({"images": count, "prompt_tokens": int(scenario.target["input_ids"].shape[1]), "mode": mode.name, "ttft_s": summarize(times)["median"]})
-            print(f"  sweep {count} images {mode.name:12s} {rows[-1]['ttft_s'] * 1e3:9.1f} ms", flush=True)
+        rows += _sweep_point(model, processor, BenchSize(size.model, size.image_px, count, repeats), base, "images", count)
+    for px in sorted({size.image_px // 4, size.image_px // 2, size.image_px}):
+        if px >= 56:
+            rows += _sweep_point(model, processor, BenchSize(size.model, px, 2, repeats), base, "image_px", px)
+    selective = [p for p in ("first_k", "cacheblend", "vlcache") if p in POLICIES]
+    for ratio in (0.01, 0.02, 0.05, 0.1, 0.2):
+        modes = [Mode(f"{p} {ratio:.0%}", "vlcache", p, ratio) for p in selective]
+        if modes:
+            rows += _sweep_point(model, processor, BenchSize(size.model, size.image_px, size.images, repeats), modes, "budget", ratio)
     return rows
 
 
@@ -306,19 +329,36 @@ def plot(results: list[ModeResult], sweep_rows: list[dict], out: Path, stem: str
     fig.savefig(path, dpi=120)
     files.append(str(path))
     plt.close(fig)
-    if sweep_rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for mode in sorted({r["mode"] for r in sweep_rows}):
-            rows = [r for r in sweep_rows if r["mode"] == mode]
-            ax.plot([r["prompt_tokens"] for r in rows], [r["ttft_s"] * 1e3 for r in rows], marker="o", label=mode)
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("TTFT ms")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.legend()
-        ax.set_title("TTFT vs prompt length (non-prefix scenario)")
+    growth = [r for r in sweep_rows if r["axis"] in ("images", "image_px")]
+    if growth:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, axis, label in ((axes[0], "images", "number of images"), (axes[1], "image_px", "tokens per image (2 images)")):
+            for mode in sorted({r["mode"] for r in growth}):
+                rows = sorted((r for r in growth if r["mode"] == mode and r["axis"] == axis), key=lambda r: r["prompt_tokens"])
+                ax.plot([r["prompt_tokens"] for r in rows], [r["ttft_s"] * 1e3 for r in rows], marker="o", label=mode)
+            ax.set_xlabel(f"prompt tokens (varying {label})")
+            ax.set_ylabel("TTFT ms")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.legend()
+        fig.suptitle("TTFT vs prompt length, non-prefix scenario (b)")
         fig.tight_layout()
         path = out / f"{stem}_growth.png"
+        fig.savefig(path, dpi=120)
+        files.append(str(path))
+        plt.close(fig)
+    budget = [r for r in sweep_rows if r["axis"] == "budget"]
+    if budget:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for policy in sorted({r["mode"].split()[0] for r in budget}):
+            rows = sorted((r for r in budget if r["mode"].split()[0] == policy), key=lambda r: r["value"])
+            ax.plot([r["value"] * 100 for r in rows], [r["ttft_s"] * 1e3 for r in rows], marker="o", label=policy)
+        ax.set_xlabel("recompute budget (% of reused tokens)")
+        ax.set_ylabel("TTFT ms")
+        ax.legend()
+        ax.set_title("TTFT vs recompute budget, scenario (b)")
+        fig.tight_layout()
+        path = out / f"{stem}_budget.png"
         fig.savefig(path, dpi=120)
         files.append(str(path))
         plt.close(fig)
@@ -346,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--scenarios", default="abcd", help="subset of a,b,c,d")
     parser.add_argument("--modes", default=None, help="comma-separated mode names (default: all available)")
-    parser.add_argument("--sweep", action="store_true", help="also sweep the number of images")
+    parser.add_argument("--sweep", action="store_true", help="also sweep images, tokens per image and budget")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--out", default="eval/results")
@@ -362,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vlcache bench: size={size_name} device={args.device} dtype={dtype} images={size.images}×{toy.image_tokens(size.image_px)} tokens", flush=True)
     start = time.perf_counter()
     results, skipped = bench_scenarios(model, processor, size, set(args.scenarios), args.modes.split(",") if args.modes else None)
-    sweep_rows = sweep(model, processor, size, None) if args.sweep else []
+    sweep_rows = sweep(model, processor, size) if args.sweep else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"ttft_{size_name}_{args.device}"
