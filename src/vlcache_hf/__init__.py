@@ -9,6 +9,7 @@ from .cache import VLCache, VLCacheLayer, default_store
 from .errors import UnsupportedModelError, VLCacheError
 from .metrics import PrefillReport, PrefillTimings
 from .models import supported_families
+from .processor import VLCacheProcessor
 from .selection import POLICIES, SelectionPolicy, register_policy
 from .store.store import CacheStore
 
@@ -24,6 +25,7 @@ __all__ = [
     "VLCache",
     "VLCacheError",
     "VLCacheLayer",
+    "VLCacheProcessor",
     "__version__",
     "default_store",
     "register_policy",

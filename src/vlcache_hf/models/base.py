@@ -122,6 +122,12 @@ class ModelAdapter(ABC):
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
         """Per-image layout (e.g. Qwen's (t, h, w) grid), stored with encoder entries and part of the image key."""
 
+    def layout_kwargs(self, layouts: list[tuple[int, ...]], device: torch.device) -> dict[str, torch.Tensor]:
+        """Model inputs that describe the images when their pixels are not passed (rebuilt from layouts)."""
+        if self.layout_arg is None:
+            return {}
+        return {self.layout_arg: torch.tensor(layouts, dtype=torch.long, device=device)}
+
     def encode(
         self, modality: Modality, original, pixels: list[torch.Tensor], layout: torch.Tensor | None, indices: list[int], **kwargs
     ):

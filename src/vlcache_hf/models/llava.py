@@ -86,6 +86,9 @@ class LlavaAdapter(ModelAdapter):
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
         return [tuple(int(x) for x in p.shape[-2:]) for p in pixels]
 
+    def layout_kwargs(self, layouts: list[tuple[int, ...]], device: torch.device) -> dict[str, torch.Tensor]:
+        return {}  # fixed-size images: nothing describes them
+
     def image_feature_owner(self) -> nn.Module:
         return self.model.model
 
@@ -114,3 +117,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
         return [(*(int(x) for x in size), *(int(x) for x in p.shape[1:])) for size, p in zip(layout.tolist(), pixels, strict=True)]
+
+    def layout_kwargs(self, layouts: list[tuple[int, ...]], device: torch.device) -> dict[str, torch.Tensor]:
+        return {"image_sizes": torch.tensor([layout[:2] for layout in layouts], dtype=torch.long, device=device)}
