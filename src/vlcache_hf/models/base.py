@@ -54,34 +54,59 @@ class ModelAdapter(ABC):
         self.model = model
 
     # -- recognising a model -------------------------------------------------------------------------------
+    #: `config.model_type` values this adapter serves
+    MODEL_TYPES: tuple[str, ...] = ()
+    #: attribute of `model.model` holding the vision encoder
+    VISION_ATTR = "visual"
+
     @classmethod
-    @abstractmethod
     def matches(cls, model: nn.Module) -> bool:
-        """True if this adapter serves `model`."""
+        """True if this adapter serves `model`: its model type, with a language model and a vision tower inside."""
+        inner = getattr(model, "model", None)
+        return (
+            getattr(getattr(model, "config", None), "model_type", None) in cls.MODEL_TYPES
+            and inner is not None
+            and hasattr(inner, "language_model")
+            and hasattr(inner, cls.VISION_ATTR)
+        )
 
     # -- the language model's pieces -----------------------------------------------------------------------
     @property
-    @abstractmethod
-    def decoder_layers(self) -> nn.ModuleList: ...
+    def text_model(self) -> nn.Module:
+        """The decoder-only language model (embeddings, layers, rotary module)."""
+        return self.model.model.language_model
 
-    @abstractmethod
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.text_model.layers
 
-    @abstractmethod
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model.embed_tokens(input_ids)
+
+    def rotary_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Our [num_axes, 1, n] positions in the shape the rotary module takes (M-RoPE keeps all axes)."""
+        return positions if self.position_axes > 1 else positions[0]
+
     def rotary_cos_sin(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for `position_ids` ([num_axes, 1, n]) as the decoder layers consume them."""
+        return self.text_model.rotary_emb(like, self.rotary_position_ids(position_ids))
 
-    @abstractmethod
     def rotation_cos_sin(self, like: torch.Tensor, delta_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pure rotation (no attention scaling) by `delta_positions` ([num_axes, n]), for re-rotating keys."""
+        """Pure rotation (attention scaling divided out) by `delta_positions` ([num_axes, n]), for re-rotating keys."""
+        rotary = self.text_model.rotary_emb
+        cos, sin = rotary(like.float(), self.rotary_position_ids(delta_positions[:, None, :].to(like.device)))
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        return cos / scale, sin / scale
 
     @property
-    @abstractmethod
-    def kv_layout(self) -> KVLayout: ...
+    def kv_layout(self) -> KVLayout:
+        cfg = self.model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, self.model.dtype)
 
     @property
-    @abstractmethod
-    def image_token_id(self) -> int: ...
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
 
     @property
     def hidden_size(self) -> int:

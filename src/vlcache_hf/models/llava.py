@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import VLCacheError
-from .base import KVLayout, ModelAdapter
+from .base import ModelAdapter
 
 
 class LlavaAdapter(ModelAdapter):
@@ -21,46 +21,7 @@ class LlavaAdapter(ModelAdapter):
 
     family = "LLaVA-1.5"
     MODEL_TYPES = ("llava",)
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        inner = getattr(model, "model", None)
-        return (
-            getattr(getattr(model, "config", None), "model_type", None) in cls.MODEL_TYPES
-            and inner is not None
-            and hasattr(inner, "language_model")
-            and hasattr(inner, "vision_tower")
-        )
-
-    @property
-    def _text(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._text.layers
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._text.embed_tokens(input_ids)
-
-    def rotary_cos_sin(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._text.rotary_emb(like, position_ids[0])
-
-    def rotation_cos_sin(self, like: torch.Tensor, delta_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rotary = self._text.rotary_emb
-        cos, sin = rotary(like.float(), delta_positions.to(like.device))
-        scale = float(getattr(rotary, "attention_scaling", 1.0))
-        return cos / scale, sin / scale
-
-    @property
-    def kv_layout(self) -> KVLayout:
-        cfg = self.model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, self.model.dtype)
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+    VISION_ATTR = "vision_tower"
 
     def prompt_positions(self, model_kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
         given = model_kwargs.get("position_ids")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import KVLayout, Modality, ModelAdapter
+from .base import Modality, ModelAdapter
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -21,51 +21,6 @@ class QwenVLAdapter(ModelAdapter):
     family = "Qwen2-VL / Qwen2.5-VL"
     MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
     position_axes = 3
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        config = getattr(model, "config", None)
-        inner = getattr(model, "model", None)
-        return (
-            getattr(config, "model_type", None) in cls.MODEL_TYPES
-            and inner is not None
-            and hasattr(inner, "language_model")
-            and hasattr(inner, "visual")
-        )
-
-    @property
-    def _text(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def _text_config(self):
-        return self.model.config.get_text_config()
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._text.layers
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._text.embed_tokens(input_ids)
-
-    def rotary_cos_sin(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._text.rotary_emb(like, position_ids)
-
-    def rotation_cos_sin(self, like: torch.Tensor, delta_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rotary = self._text.rotary_emb
-        cos, sin = rotary(like.float(), delta_positions[:, None, :].to(like.device))
-        scale = float(getattr(rotary, "attention_scaling", 1.0))
-        return cos / scale, sin / scale
-
-    @property
-    def kv_layout(self) -> KVLayout:
-        cfg = self._text_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, self.model.dtype)
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     # -- positions -----------------------------------------------------------------------------------------
     def prompt_positions(self, model_kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor:
