@@ -1,0 +1,173 @@
+"""DiskTier: round trips, budgets, corruption, concurrent processes, killed writers, restarts."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+from helpers import greedy
+
+from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf.store.disk import DiskTier
+from vlcache_hf.store.entry import StoredEntry
+from vlcache_hf.store.tiers import MemoryTier
+
+KEY = "kv-" + "a" * 64
+
+
+def key(i: int) -> str:
+    return f"kv-{i:064x}"
+
+
+def entry(seed: int, numel: int = 256) -> StoredEntry:
+    g = torch.Generator().manual_seed(seed)
+    return StoredEntry({"kv": torch.randn(numel, generator=g), "positions": torch.arange(4)}, {"kind": "kv", "n": str(seed)})
+
+
+def test_round_trip_bitwise(tmp_path):
+    tier = DiskTier(tmp_path, 10_000_000)
+    tier.put(KEY, entry(1))
+    got = tier.get(KEY)
+    assert torch.equal(got.tensors["kv"], entry(1).tensors["kv"]) and got.metadata == {"kind": "kv", "n": "1"}
+    assert tier.contains(KEY) and tier.keys() == [KEY]
+
+
+def test_budget_held_under_churn_with_lru(tmp_path):
+    tier = DiskTier(tmp_path, 6_000)
+    for i in range(20):
+        tier.put(key(i), entry(i))
+        if i >= 1:
+            tier.get(key(0)) if i == 5 else None
+        assert tier.stats().bytes_used <= 6_000
+    assert not tier.contains(key(1)) and tier.contains(key(19))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_corrupt_files_are_misses_and_removed(tmp_path, damage):
+    tier = DiskTier(tmp_path, 10_000_000)
+    tier.put(KEY, entry(2))
+    file = tmp_path / f"{KEY}.safetensors"
+    data = bytearray(file.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-5] ^= 0xFF
+    else:
+        data = bytearray(b"not a safetensors file at all")
+    file.write_bytes(bytes(data))
+    assert tier.get(KEY) is None
+    assert not file.exists()
+
+
+def test_bad_keys_and_paths(tmp_path):
+    tier = DiskTier(tmp_path, 1000)
+    with pytest.raises(ValueError, match="invalid store key"):
+        tier.get("../../etc/passwd")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(VLCacheError, match="cannot use"):
+        DiskTier(blocker / "sub", 1000)
+
+
+def _writer(path: str, seconds: float) -> None:
+    tier = DiskTier(path, 50_000_000)
+    end = time.time() + seconds
+    i = 0
+    while time.time() < end:
+        tier.put(key(i % 5), entry(i % 5, numel=20_000))
+        i += 1
+
+
+def _reader(path: str, seconds: float, queue) -> None:
+    tier = DiskTier(path, 50_000_000)
+    end, bad, hits = time.time() + seconds, 0, 0
+    while time.time() < end:
+        for i in range(5):
+            got = tier.get(key(i))
+            if got is not None:
+                hits += 1
+                bad += not torch.equal(got.tensors["kv"], entry(i, numel=20_000).tensors["kv"])
+    queue.put((hits, bad))
+
+
+def test_two_processes_share_a_directory(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), 2.0)), ctx.Process(target=_writer, args=(str(tmp_path), 2.0)),
+             ctx.Process(target=_reader, args=(str(tmp_path), 2.0, queue))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    hits, bad = queue.get(timeout=10)
+    print(f"concurrent reads: {hits} hits, {bad} wrong")
+    assert hits > 0 and bad == 0
+
+
+def _endless_writer(path: str) -> None:
+    tier = DiskTier(path, 500_000_000)
+    i = 0
+    while True:
+        tier.put(KEY, entry(i % 3, numel=2_000_000))
+        i += 1
+
+
+def test_writer_killed_mid_write_leaves_no_partial_entry(tmp_path):
+    ctx = mp.get_context("spawn")
+    for _ in range(3):
+        proc = ctx.Process(target=_endless_writer, args=(str(tmp_path),))
+        proc.start()
+        time.sleep(2.5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        got = DiskTier(tmp_path, 500_000_000).get(KEY)
+        if got is not None:
+            assert any(torch.equal(got.tensors["kv"], entry(i, numel=2_000_000).tensors["kv"]) for i in range(3))
+
+
+def _serve_once(path: str, queue) -> None:
+    from helpers import greedy as run
+
+    model, processor = toy.build_model(), toy.build_processor()
+    images = [toy.make_image(seed) for seed in range(2)]
+    inputs = toy.chat_inputs(processor, [toy.message("user", "Look:", *images, "?")])
+    store = CacheStore([MemoryTier(10**8), DiskTier(path, 10**9)])
+    cache = VLCache(model, store=store)
+    out = run(model, inputs, cache)
+    queue.put((out.sequences.tolist(), cache.report.encoder_hits, cache.report.kv_hits))
+
+
+def test_a_restarted_process_gets_disk_hits_and_equal_answers(tmp_path):
+    ctx = mp.get_context("spawn")
+    results = []
+    for _ in range(2):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_serve_once, args=(str(tmp_path), queue))
+        proc.start()
+        results.append(queue.get(timeout=120))
+        proc.join(60)
+    (first, enc0, kv0), (second, enc1, kv1) = results
+    assert (enc0, kv0) == (0, 0) and (enc1, kv1) == (2, 2)
+    assert first == second
+    model, processor = toy.build_model(), toy.build_processor()
+    inputs = toy.chat_inputs(processor, [toy.message("user", "Look:", *[toy.make_image(s) for s in range(2)], "?")])
+    assert greedy(model, inputs).sequences.tolist() == second
+
+
+def test_one_line_constructor_and_sizes(tmp_path):
+    from vlcache_hf.store.store import parse_bytes
+
+    store = CacheStore(cpu="1MiB", disk=str(tmp_path), disk_budget="2MB")
+    assert [type(t).__name__ for t in store.tiers] == ["MemoryTier", "DiskTier"]
+    assert store.tiers[0].byte_budget == 2**20 and store.tiers[1].byte_budget == 2 * 10**6
+    assert parse_bytes("1.5 gb") == 1_500_000_000 and parse_bytes(7) == 7
+    for bad in ("lots", "-1GB", "0", "12 parsecs"):
+        with pytest.raises(VLCacheError, match="size"):
+            parse_bytes(bad)
+    store.put(KEY, entry(4))
+    assert CacheStore(disk=str(tmp_path)).get(KEY) is not None  # written through to disk
