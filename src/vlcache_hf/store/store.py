@@ -56,8 +56,10 @@ class CacheStore:
         cpu: int | str | None = None,
         disk: str | None = None,
         disk_budget: int | str = "50GiB",
+        redis: str | None = None,
     ):
-        """`CacheStore()`, `CacheStore([tier, ...])`, or `CacheStore(gpu="2GiB", cpu="8GiB", disk="~/.cache/vlcache")`."""
+        """`CacheStore()`, `CacheStore([tier, ...])`, or
+        `CacheStore(gpu="2GiB", cpu="8GiB", disk="~/.cache/vlcache", redis="redis://127.0.0.1:6379/0")`."""
         built: list[Tier] = list(tiers or [])
         if gpu is not None:
             if not torch.cuda.is_available():
@@ -69,6 +71,10 @@ class CacheStore:
             from .disk import DiskTier
 
             built.append(DiskTier(disk, parse_bytes(disk_budget)))
+        if redis is not None:
+            from .redis_tier import RedisTier
+
+            built.append(RedisTier(redis))
         self.tiers = built or [MemoryTier(DEFAULT_MEMORY_BUDGET)]
 
     def get(self, key: str) -> StoredEntry | None:
