@@ -171,3 +171,21 @@ def test_one_line_constructor_and_sizes(tmp_path):
             parse_bytes(bad)
     store.put(KEY, entry(4))
     assert CacheStore(disk=str(tmp_path)).get(KEY) is not None  # written through to disk
+
+
+def test_store_cli(tmp_path, capsys):
+    from vlcache_hf.cli import main
+
+    tier = DiskTier(tmp_path, 10**8)
+    for i in range(4):
+        tier.put(key(i), entry(i, numel=1000))
+    bad = tmp_path / f"{key(2)}.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-10])
+    assert main(["store", "ls", "--path", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("kv ") == 4
+    assert main(["store", "verify", "--path", str(tmp_path)]) == 0
+    assert "3 good, 1 removed" in capsys.readouterr().out
+    assert main(["store", "gc", "--path", str(tmp_path), "--budget", "5KB"]) == 0
+    assert tier.stats().bytes_used <= 5000 and tier.stats().entries >= 1
+    assert main(["store", "stats", "--path", str(tmp_path)]) == 0
+    assert "entries" in capsys.readouterr().out

@@ -123,12 +123,12 @@ class DiskTier:
                 os.unlink(tmp)
         return []
 
-    def _files(self) -> list[Path]:
+    def files(self) -> list[Path]:
         return [p for p in self.path.glob(f"*{SUFFIX}") if KEY_PATTERN.match(p.name[: -len(SUFFIX)])]
 
     def _evict_to_budget(self, keep: Path) -> None:
         entries = []
-        for file in self._files():
+        for file in self.files():
             try:
                 stat = file.stat()
             except FileNotFoundError:
@@ -156,10 +156,10 @@ class DiskTier:
         return True
 
     def keys(self) -> list[str]:
-        return [p.name[: -len(SUFFIX)] for p in self._files()]
+        return [p.name[: -len(SUFFIX)] for p in self.files()]
 
     def stats(self) -> TierStats:
-        files = self._files()
+        files = self.files()
         self._stats.entries = len(files)
         self._stats.bytes_used = sum(p.stat().st_size for p in files if p.exists())
         return TierStats(**vars(self._stats))
