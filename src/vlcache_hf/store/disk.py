@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from safetensors.torch import load as load_bytes
+from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
 from ..errors import VLCacheError
@@ -81,13 +81,13 @@ class DiskTier:
     def get(self, key: str) -> StoredEntry | None:
         file = self._file(key)
         try:
-            data = file.read_bytes()
+            # one open: metadata and tensors come from the same file version even if a writer replaces it
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         except FileNotFoundError:
             self._stats.misses += 1
             return None
-        try:
-            tensors = load_bytes(data)
-            metadata = header_metadata(data)
         except Exception as err:  # truncated or not a safetensors file
             self._drop(file, str(err))
             self._stats.misses += 1
