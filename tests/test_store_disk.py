@@ -189,3 +189,20 @@ def test_store_cli(tmp_path, capsys):
     assert tier.stats().bytes_used <= 5000 and tier.stats().entries >= 1
     assert main(["store", "stats", "--path", str(tmp_path)]) == 0
     assert "entries" in capsys.readouterr().out
+
+
+def test_memory_tier_lru_budget_and_store_promotion_and_spill(tmp_path):
+    top = MemoryTier(3 * entry(0).nbytes)
+    store = CacheStore([top, DiskTier(tmp_path, 10**8)])
+    for i in range(6):
+        store.put(key(i), entry(i))
+        assert top.stats().bytes_used <= top.byte_budget
+        if i == 3:
+            store.get(key(1))  # key 1 becomes most recent; key 2 is now the oldest in memory
+    assert top.keys() == [key(1), key(4), key(5)]
+    assert top.stats().evictions == 3 and all(store.tiers[1].contains(key(i)) for i in range(6))
+    got = store.get(key(0))  # a disk hit is promoted into memory
+    assert torch.equal(got.tensors["kv"], entry(0).tensors["kv"]) and top.contains(key(0))
+    assert CacheStore.from_config({"cpu": "1MiB"}).tiers[0].byte_budget == 2**20
+    with pytest.raises(VLCacheError, match="unknown CacheStore settings"):
+        CacheStore.from_config({"ssd": "x"})

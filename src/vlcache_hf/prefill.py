@@ -14,7 +14,7 @@ from .attention import selective_attention_enabled
 from .models import KVLayout, ModelAdapter
 from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
-from .store.entry import KVEntry
+from .store.entry import KVEntry, to_device
 
 DECODE_HEADROOM = 256
 
@@ -35,7 +35,7 @@ def fill_prefix(buffers: torch.Tensor, entries: list[KVEntry], chunk_size: int) 
     """Copy exact prefix chunks into rows [0, len(entries) * chunk_size)."""
     for index, entry in enumerate(entries):
         start = index * chunk_size
-        buffers[:, :, 0, :, start : start + chunk_size] = entry.kv.to(buffers.device, non_blocking=True)
+        buffers[:, :, 0, :, start : start + chunk_size] = to_device(entry.kv, buffers.device)
 
 
 def fill_moved(
@@ -52,7 +52,7 @@ def fill_moved(
     `entry_offset` skips the entry's first rows when the span's start lies inside an exact prefix.
     """
     count = end - start
-    kv = entry.kv[:, :, :, entry_offset : entry_offset + count].to(buffers.device, non_blocking=True)
+    kv = to_device(entry.kv[:, :, :, entry_offset : entry_offset + count], buffers.device)
     old = entry.positions[:, entry_offset : entry_offset + count]
     delta = position_delta(new_positions[:, 0, start:end], old)
     if bool((delta == 0).all()):

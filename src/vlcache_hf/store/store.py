@@ -77,6 +77,15 @@ class CacheStore:
             built.append(RedisTier(redis))
         self.tiers = built or [MemoryTier(DEFAULT_MEMORY_BUDGET)]
 
+    @classmethod
+    def from_config(cls, config: dict) -> CacheStore:
+        """A store from a dict such as `{"cpu": "8GiB", "disk": "/data/vlcache", "redis": "redis://..."}`."""
+        allowed = {"gpu", "cpu", "disk", "disk_budget", "redis"}
+        unknown = set(config) - allowed
+        if unknown:
+            raise VLCacheError(f"unknown CacheStore settings {sorted(unknown)}; use {sorted(allowed)}")
+        return cls(**config)
+
     def get(self, key: str) -> StoredEntry | None:
         """The entry under `key` from the highest tier that has it (promoted upward), or None."""
         for level, tier in enumerate(self.tiers):
