@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from ..errors import VLCacheError
 from .base import LayerObservation, ReusedSpan, SelectionContext, SelectionPolicy
+from .baselines import CacheBlendPolicy, FirstTokensPolicy, RandomPolicy
 from .builtin import FullRecompute, NoRecompute
 
-POLICIES: dict[str, type[SelectionPolicy]] = {cls.name: cls for cls in (FullRecompute, NoRecompute)}
+POLICIES: dict[str, type[SelectionPolicy]] = {
+    cls.name: cls for cls in (FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy)
+}
 
 
 def register_policy(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
@@ -30,7 +33,10 @@ def make_policy(policy: str | SelectionPolicy, recompute_ratio: float) -> Select
 
 __all__ = [
     "POLICIES",
+    "CacheBlendPolicy",
+    "FirstTokensPolicy",
     "FullRecompute",
+    "RandomPolicy",
     "LayerObservation",
     "NoRecompute",
     "ReusedSpan",
