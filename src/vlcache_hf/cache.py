@@ -13,10 +13,11 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import encoder, hook
+from .errors import VLCacheError
 from .fingerprint import fingerprint
 from .metrics import PrefillReport
 from .models import get_adapter
-from .selection import LayerObservation, SelectionPolicy, make_policy
+from .selection import LayerObservation, LayerProfile, SelectionPolicy, make_policy
 from .store.store import CacheStore
 
 DEFAULT_PREFIX_CHUNK = 64
@@ -119,6 +120,9 @@ class VLCache(Cache):
         recompute_ratio: share of reused non-prefix tokens to recompute, in [0, 1] (used by selective policies).
         prefix_chunk_size: granularity, in tokens, of exact prefix reuse.
         publish: write this request's new encoder outputs and K/V to the store.
+        profile: a `LayerProfile` (or the path of its JSON) from `vlcache_hf.calibrate` for this model; it sets
+            the per-layer budgets of layer-aware policies ("vlcache"). Without one they use their documented
+            default allocation; `cache.report.allocation` says which was used.
     """
 
     def __init__(
@@ -129,9 +133,18 @@ class VLCache(Cache):
         recompute_ratio: float = 0.0,
         prefix_chunk_size: int = DEFAULT_PREFIX_CHUNK,
         publish: bool = True,
+        profile: LayerProfile | str | None = None,
     ):
         self.adapter = get_adapter(model)
-        self.policy = make_policy(policy, recompute_ratio)
+        self.fingerprint = fingerprint(model)
+        if profile is not None and not isinstance(profile, LayerProfile):
+            if not isinstance(profile, (str, bytes)) and not hasattr(profile, "__fspath__"):
+                raise VLCacheError(f"profile must be a LayerProfile or a path to its JSON, got {type(profile).__name__}")
+            profile = LayerProfile.load(profile)
+        if profile is not None:
+            profile.check_model(self.fingerprint, self.adapter.kv_layout.num_layers)
+        self.profile = profile
+        self.policy = make_policy(policy, recompute_ratio, profile=profile)
         if not isinstance(prefix_chunk_size, int) or prefix_chunk_size < 1:
             raise ValueError(f"prefix_chunk_size must be a positive int, got {prefix_chunk_size!r}")
         self.model = model
@@ -139,7 +152,6 @@ class VLCache(Cache):
         self.recompute_ratio = float(recompute_ratio)
         self.prefix_chunk_size = prefix_chunk_size
         self.publish = publish
-        self.fingerprint = fingerprint(model)
         self.report: PrefillReport | None = None
         self.is_prefilled = False
         super().__init__(layers=[VLCacheLayer() for _ in range(self.adapter.kv_layout.num_layers)])

@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="multi-turn conversation over images: plain vs VLCache, per turn")
-    demo.add_argument("--policy", default="none", help="selection policy (default: none)")
-    demo.add_argument("--recompute-ratio", type=float, default=0.0)
+    demo.add_argument("--policy", default="vlcache", help="selection policy (default: vlcache)")
+    demo.add_argument("--recompute-ratio", type=float, default=0.05)
     demo.add_argument("--model", default=None, help="a saved model directory (default: the embedded model)")
     demo.add_argument("--max-new-tokens", type=int, default=12)
     demo.set_defaults(handler=_demo)

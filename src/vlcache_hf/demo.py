@@ -22,6 +22,7 @@ class TurnResult:
     ttft_plain_ms: float
     ttft_vlcache_ms: float
     report: object
+    expected: str | None = None
 
 
 def load_demo_model(model_path: str | None = None):
@@ -45,18 +46,42 @@ def _generate(model, inputs, cache=None, max_new_tokens: int = 12):
     return out, time.perf_counter() - start
 
 
-def run_demo(policy: str = "none", recompute_ratio: float = 0.0, model_path: str | None = None, max_new_tokens: int = 12):
+def _conversation(trained: bool):
+    """(images, [(title, first-turn text, image indices, question, expected answer or None), ...]).
+
+    With the embedded trained model the pictures and questions come from its synthetic VQA task, so the
+    answers can be checked; with the random-weight fallback they are arbitrary.
+    """
+    if trained:
+        from . import synthetic
+
+        scenes = [
+            synthetic.Scene("red", "circle", 1, ()),
+            synthetic.Scene("blue", "triangle", 1, ()),
+            synthetic.Scene("yellow", "square", 1, ()),
+        ]
+        images = [synthetic.render(scene) for scene in scenes]
+        questions = [
+            ("What color is the shape in the first image? Answer with one word.", "red"),
+            ("What color is the shape in the third image? Answer with one word.", "yellow"),
+            ("What shape is in the first image? Answer with one word.", "triangle"),
+        ]
+    else:
+        images = [toy.make_image(seed) for seed in (11, 12, 13)]
+        questions = [("What is in the first image?", None), ("And how does this one compare?", None), ("Which one is brighter?", None)]
+    return images, questions
+
+
+def run_demo(policy: str = "vlcache", recompute_ratio: float = 0.05, model_path: str | None = None, max_new_tokens: int = 12):
     """Run the conversation; returns (model description, per-turn results)."""
     torch.manual_seed(0)
     model, processor, description = load_demo_model(model_path)
-    images = [toy.make_image(seed) for seed in (11, 12, 13)]
+    trained = description.startswith("embedded")
+    images, questions = _conversation(trained)
     store = CacheStore()
-    turns: list[tuple[str, list[dict]]] = []
-    chat = [toy.message("user", "Here are two pictures.", images[0], images[1], "What is in the first image?")]
-    turns.append(("turn 1: two new images", list(chat)))
     results: list[TurnResult] = []
 
-    def play(title: str, messages: list[dict]) -> str:
+    def play(title: str, messages: list[dict], expected: str | None) -> str:
         inputs = toy.chat_inputs(processor, messages)
         plain_ids, _ = _generate(model, inputs, max_new_tokens=max_new_tokens)
         ttft_plain = time_first_token(model, inputs)
@@ -66,17 +91,18 @@ def run_demo(policy: str = "none", recompute_ratio: float = 0.0, model_path: str
         cache_full = VLCache(model, store=store, policy=policy, recompute_ratio=recompute_ratio, prefix_chunk_size=16)
         ids, _ = _generate(model, inputs, cache_full, max_new_tokens=max_new_tokens)
         prompt_len = inputs["input_ids"].shape[1]
-        answer = processor.decode(ids[0, prompt_len:], skip_special_tokens=True)
+        answer = processor.decode(ids[0, prompt_len:], skip_special_tokens=True).strip()
         results.append(
-            TurnResult(title, answer, torch.equal(ids, plain_ids), ttft_plain * 1e3, ttft_ours * 1e3, cache.report)
+            TurnResult(title, answer, torch.equal(ids, plain_ids), ttft_plain * 1e3, ttft_ours * 1e3, cache.report, expected)
         )
         return answer
 
-    answer = play(*turns[0])
-    chat += [toy.message("assistant", answer), toy.message("user", images[2], "And how does this one compare?")]
-    play("turn 2: same chat, one more image", chat)
-    swapped = [toy.message("user", "A new chat. Look carefully at both:", images[1], images[0], "Which one is brighter?")]
-    play("turn 3: new chat, the images swapped (non-prefix reuse)", swapped)
+    chat = [toy.message("user", "Look at the pictures below. ", images[0], images[1], " " + questions[0][0])]
+    answer = play("turn 1: two new images", chat, questions[0][1])
+    chat += [toy.message("assistant", answer), toy.message("user", "One more. ", images[2], " " + questions[1][0])]
+    play("turn 2: same chat, one more image", chat, questions[1][1])
+    swapped = [toy.message("user", "Please study these images carefully. ", images[1], images[0], " " + questions[2][0])]
+    play("turn 3: new chat, the images swapped (non-prefix reuse)", swapped, questions[2][1])
     return description, results
 
 
@@ -86,7 +112,9 @@ def format_results(description: str, policy: str, results: list[TurnResult]) -> 
         rep = r.report
         lines += [
             f"== {r.title}",
-            f"   answer: {r.answer!r}   (same as plain generate: {'yes' if r.same_as_plain else 'no'})",
+            f"   answer: {r.answer!r}"
+            + (f" (expected {r.expected!r})" if r.expected is not None else "")
+            + f"   same as plain generate: {'yes' if r.same_as_plain else 'no'}",
             f"   TTFT plain {r.ttft_plain_ms:.1f} ms, VLCache {r.ttft_vlcache_ms:.1f} ms",
             f"   encoder hits {rep.encoder_hits}/{rep.images}; tokens reused {rep.reused_tokens} "
             f"(prefix {rep.prefix_tokens}), recomputed {rep.recomputed_tokens} of {rep.total_tokens}",

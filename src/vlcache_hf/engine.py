@@ -172,6 +172,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         kv_hits=kv_hits if policy.reuses_kv else 0,
         kv_misses=len(spans) - kv_hits if policy.reuses_kv else 0,
         timings=timings,
+        allocation=getattr(policy, "allocation", ""),
     )
     cache.mark_prefilled()
     return _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans)

@@ -42,6 +42,7 @@ class PrefillReport:
     kv_hits: int
     kv_misses: int
     timings: PrefillTimings = field(default_factory=PrefillTimings)
+    allocation: str = ""  # where per-layer budgets came from (layer-aware policies): a profile or the default
 
     @property
     def recomputed_fraction(self) -> float:

@@ -77,9 +77,11 @@ LLAVA_IMAGE_PX = 56  # CLIP-style 56-px crops, 14-px patches: 16 image tokens (L
 LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # tiles of 56 px: up to 4 crops + the base view
 
 
-def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
+def build_processor(
+    family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, tokenizer: Any = None
+):
     """Processor for a toy model: small images give few tokens (112×112 → 16 merged tokens; Qwen3-VL's
-    16-px patches: 128×128 → 16)."""
+    16-px patches: 128×128 → 16). `tokenizer` replaces the byte-level default (Qwen families)."""
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
 
     if family in ("llava", "llava_next"):
@@ -102,7 +104,7 @@ def build_processor(family: str = "qwen2_5_vl", max_pixels: int = 112 * 112, min
             vision_feature_select_strategy="default",
             chat_template=CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", LLAVA_IMAGE_TOKEN),
         )
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     if family == "qwen3_vl":
         from transformers import Qwen3VLProcessor
         from transformers.models.qwen3_vl import Qwen3VLVideoProcessor

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ..errors import VLCacheError
 from .base import LayerObservation, ReusedSpan, SelectionContext, SelectionPolicy
 from .baselines import CacheBlendPolicy, FirstTokensPolicy, RandomPolicy
 from .builtin import FullRecompute, NoRecompute
+from .profile import DEFAULT_ALLOCATION, LayerProfile, allocate_budgets
+from .vlcache import VLCachePolicy
 
 POLICIES: dict[str, type[SelectionPolicy]] = {
-    cls.name: cls for cls in (FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy)
+    cls.name: cls for cls in (FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy, VLCachePolicy)
 }
 
 
@@ -18,8 +22,13 @@ def register_policy(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
     return cls
 
 
-def make_policy(policy: str | SelectionPolicy, recompute_ratio: float) -> SelectionPolicy:
-    """A policy instance from a name or an instance; clear error for unknown names or bad ratios."""
+def make_policy(
+    policy: str | SelectionPolicy, recompute_ratio: float, profile: LayerProfile | None = None
+) -> SelectionPolicy:
+    """A policy instance from a name or an instance; clear error for unknown names or bad ratios.
+
+    `profile` goes to policies with layer-aware budgets (those whose constructor takes `profile`).
+    """
     if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)):
         raise VLCacheError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}")
     if not 0.0 <= float(recompute_ratio) <= 1.0:
@@ -28,12 +37,19 @@ def make_policy(policy: str | SelectionPolicy, recompute_ratio: float) -> Select
         return policy
     if not isinstance(policy, str) or policy not in POLICIES:
         raise VLCacheError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
-    return POLICIES[policy](float(recompute_ratio))
+    cls = POLICIES[policy]
+    if profile is not None and "profile" in inspect.signature(cls.__init__).parameters:
+        return cls(float(recompute_ratio), profile=profile)
+    return cls(float(recompute_ratio))
 
 
 __all__ = [
     "POLICIES",
     "CacheBlendPolicy",
+    "DEFAULT_ALLOCATION",
+    "LayerProfile",
+    "VLCachePolicy",
+    "allocate_budgets",
     "FirstTokensPolicy",
     "FullRecompute",
     "RandomPolicy",

@@ -1,0 +1,172 @@
+"""The calibration pass: how sensitive is each layer of a model to reused (stale) K/V?
+
+For every sample (a list of images) it builds a moved-image request (the images seen first in another
+context, then asked about at new positions), and measures KL(full recompute ‖ reuse) of the first answer
+token while the moved tokens are recomputed at layers < d and reused from layer d on, for d = 0 … L.
+d = 0 is naive reuse, d = L is full recomputation of the moved tokens. The averaged curve is the
+*remaining error* w_d of `LayerProfile`; its drops w_d − w_{d+1} are the per-layer sensitivities. This
+definition respects the nesting constraint of selective prefill (a layer can only recompute tokens the
+layer below computed), so budgets derived from it are ones a selective prefill can actually spend.
+
+    profile = vlcache_hf.calibrate(model, processor, samples=[[img1, img2, img3], ...], seed=0)
+    profile.save("profile.json")
+    cache = VLCache(model, policy="vlcache", recompute_ratio=0.05, profile="profile.json")
+
+CLI: `vlcache calibrate --model PATH --data DIR --out profile.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .errors import VLCacheError
+from .fidelity import chat_inputs, kl_divergence, moved_image_request, run_probe, warm_store
+from .fingerprint import fingerprint
+from .models import get_adapter
+from .selection import LayerProfile, SelectionContext, SelectionPolicy
+from .selection.profile import ALLOCATION_RULE
+from .store.store import CacheStore
+
+
+class RecomputeBelowDepth(SelectionPolicy):
+    """Calibration probe: every moved token is recomputed at layers < `depth` and reused from `depth` on."""
+
+    name = "calibration-depth"
+
+    def __init__(self, depth: int):
+        super().__init__(1.0)
+        self.depth = depth
+
+    def initial_set(self, ctx: SelectionContext) -> torch.Tensor:
+        if self.depth == 0:
+            return ctx.fresh_indices
+        return torch.cat([ctx.fresh_indices, ctx.moved_indices()])
+
+    def after_layer(self, layer_idx, ctx, current, observation):
+        return ctx.fresh_indices if layer_idx + 1 >= self.depth else current
+
+
+def _check_samples(samples: Sequence[Sequence]) -> list[list]:
+    if not samples:
+        raise VLCacheError("calibrate needs at least one sample (a list of images)")
+    checked = []
+    for number, sample in enumerate(samples):
+        images = list(sample) if not hasattr(sample, "size") else [sample]
+        if not images:
+            raise VLCacheError(f"calibration sample {number} has no images")
+        checked.append(images)
+    return checked
+
+
+def calibrate(
+    model,
+    processor,
+    samples: Sequence[Sequence],
+    seed: int = 0,
+    progress: bool = True,
+) -> LayerProfile:
+    """Measure per-layer sensitivity to reused K/V on `samples` (each a list of PIL images; ≥ 2 images per
+    sample make the images move). Deterministic for a seed: the contexts are drawn from `random.Random(seed)`."""
+    images_per_sample = _check_samples(samples)
+    adapter = get_adapter(model)
+    num_layers = adapter.kv_layout.num_layers
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    curves: list[list[float]] = []
+    bar = tqdm(total=len(images_per_sample) * (num_layers + 2), desc="calibrating", unit="prefill", disable=not progress)
+    for images in images_per_sample:
+        request = moved_image_request(images, rng)
+        store = CacheStore()
+        warm_store(model, chat_inputs(processor, request.warmup, device), store)
+        probe_inputs = chat_inputs(processor, request.probe, device)
+        reference = run_probe(model, probe_inputs, store, "full").logits
+        bar.update(1)
+        curve = []
+        for depth in range(num_layers + 1):
+            curve.append(kl_divergence(reference, run_probe(model, probe_inputs, store, RecomputeBelowDepth(depth)).logits))
+            bar.update(1)
+        curves.append(curve)
+    bar.close()
+    mean = [sum(c[d] for c in curves) / len(curves) for d in range(num_layers + 1)]
+    remaining, floor = [], mean[num_layers]
+    for depth in range(num_layers):  # non-increasing and ≥ 0: recomputing more layers cannot be charged more error
+        value = max(mean[depth] - floor, 0.0)
+        remaining.append(min(value, remaining[-1]) if remaining else value)
+    sensitivity = [remaining[d] - (remaining[d + 1] if d + 1 < num_layers else 0.0) for d in range(num_layers)]
+    return LayerProfile(
+        model_fingerprint=fingerprint(model),
+        num_layers=num_layers,
+        remaining_error=remaining,
+        sensitivity=sensitivity,
+        naive_kl=mean[0],
+        seed=seed,
+        num_samples=len(curves),
+        library_version=__version__,
+        allocation_rule=ALLOCATION_RULE,
+        per_sample_depth_kl=curves,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def _load_images(data: str | None, num_samples: int, images_per_sample: int, seed: int) -> list[list]:
+    """Samples from a directory of images (grouped in sorted order), or seeded synthetic pictures."""
+    from PIL import Image
+
+    if data is None:
+        from .synthetic import make_split, render
+
+        items = make_split("validation", num_samples)
+        return [[render(scene) for scene in item.scenes] for item in items]
+    folder = Path(data)
+    if not folder.is_dir():
+        raise VLCacheError(f"--data {data!r} is not a directory of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+    if len(files) < 2:
+        raise VLCacheError(f"--data {data}: need at least 2 images (.png/.jpg/.jpeg/.webp/.bmp), found {len(files)}")
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(num_samples):
+        chosen = rng.sample(files, min(images_per_sample, len(files)))
+        samples.append([Image.open(path).convert("RGB") for path in chosen])
+    return samples
+
+
+def _calibrate_command(args: argparse.Namespace) -> int:
+    from .demo import load_demo_model
+
+    model, processor, description = load_demo_model(None if args.model == "default" else args.model)
+    samples = _load_images(args.data, args.samples, args.images_per_sample, args.seed)
+    print(f"calibrating {description} on {len(samples)} samples (seed {args.seed})")
+    profile = calibrate(model, processor, samples, seed=args.seed)
+    path = profile.save(args.out)
+    print(f"naive-reuse KL {profile.naive_kl:.3e}; remaining error by layer:")
+    for layer, (left, own) in enumerate(zip(profile.remaining_error, profile.sensitivity, strict=False)):
+        print(f"  layer {layer:2d}  remaining {left:.3e}  own {own:.3e}")
+    print(f"wrote {path}")
+    return 0
+
+
+def add_calibrate_command(subcommands) -> None:
+    """`vlcache calibrate`: wired into the CLI by `cli.py`."""
+    parser = subcommands.add_parser(
+        "calibrate",
+        help="measure per-layer sensitivity to reused K/V and write a LayerProfile (JSON)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="default", help="HF model directory, or 'default' (the embedded model)")
+    parser.add_argument("--data", default=None, help="directory of images (default: synthetic pictures)")
+    parser.add_argument("--samples", type=int, default=8, help="number of moved-image requests")
+    parser.add_argument("--images-per-sample", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="where to write the profile JSON")
+    parser.set_defaults(handler=_calibrate_command)

@@ -1,0 +1,1 @@
+"""Integrations of vlcache-hf with evaluation frameworks (`vlcache_hf.integrations.lmms_eval`)."""

@@ -1,0 +1,44 @@
+"""The embedded trained model: a tiny Qwen2.5-VL that answers synthetic multi-image questions.
+
+It was trained on CPU by `eval/synthetic/train.py` on the task of `vlcache_hf.synthetic` and ships with the
+package (safetensors + processor files), so the demo, the examples and the accuracy tests have a model that
+really reads images — without any download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .toy import ToySize
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl-vqa"
+MODEL_SIZE = ToySize(
+    hidden_size=192,
+    intermediate_size=512,
+    num_layers=4,
+    num_heads=6,
+    num_kv_heads=2,
+    vision_depth=2,
+    vision_hidden=96,
+    vision_heads=4,
+    mrope_section=(4, 6, 6),
+)
+
+
+def default_model_path() -> Path:
+    """Where the embedded checkpoint lives; FileNotFoundError with the command that makes it if absent."""
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the embedded model is missing from {DEFAULT_MODEL_DIR}; train it with `python eval/synthetic/train.py`"
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def load_default(dtype=None):
+    """(model, processor) of the embedded model, loaded offline, in eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = default_model_path()
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", **kwargs).eval()
+    return model, AutoProcessor.from_pretrained(path)
