@@ -62,9 +62,9 @@ def _conversation(trained: bool):
         ]
         images = [synthetic.render(scene) for scene in scenes]
         questions = [
-            ("What color is the shape in the first image? Answer with one word.", "red"),
-            ("What color is the shape in the third image? Answer with one word.", "yellow"),
-            ("What shape is in the first image? Answer with one word.", "triangle"),
+            ("Do the first image and the second image have the same color? Answer with one word.", "no"),
+            ("What shape is in the third image? Answer with one word.", "square"),
+            ("What shape is in the second image? Answer with one word.", "circle"),
         ]
     else:
         images = [toy.make_image(seed) for seed in (11, 12, 13)]
@@ -97,11 +97,14 @@ def run_demo(policy: str = "vlcache", recompute_ratio: float = 0.05, model_path:
         )
         return answer
 
-    chat = [toy.message("user", "Look at the pictures below. ", images[0], images[1], " " + questions[0][0])]
+    label = [" first image: ", " second image: ", " third image: "]
+    chat = [toy.message("user", "Look at the pictures below.", label[0], images[0], label[1], images[1], " " + questions[0][0])]
     answer = play("turn 1: two new images", chat, questions[0][1])
-    chat += [toy.message("assistant", answer), toy.message("user", "One more. ", images[2], " " + questions[1][0])]
+    chat += [toy.message("assistant", answer), toy.message("user", "One more.", label[2], images[2], " " + questions[1][0])]
     play("turn 2: same chat, one more image", chat, questions[1][1])
-    swapped = [toy.message("user", "Please study these images carefully. ", images[1], images[0], " " + questions[2][0])]
+    swapped = [
+        toy.message("user", "Please study these images carefully.", label[0], images[1], label[1], images[0], " " + questions[2][0])
+    ]
     play("turn 3: new chat, the images swapped (non-prefix reuse)", swapped, questions[2][1])
     return description, results
 

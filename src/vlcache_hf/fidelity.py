@@ -49,9 +49,10 @@ def _chat(text_before: str, images: list, text_after: str) -> list[dict]:
 
 def moved_image_request(images: list, rng: random.Random, probe: list[dict] | None = None) -> MovedImageRequest:
     """Warm-up = the images shuffled after another preamble; probe = `probe` or a generic question chat."""
-    shuffled = list(images)
-    while len(shuffled) > 1 and shuffled == list(images):
-        rng.shuffle(shuffled)
+    order = list(range(len(images)))
+    while len(order) > 1 and order == sorted(order):  # compare positions: equal pictures may repeat
+        rng.shuffle(order)
+    shuffled = [images[index] for index in order]
     warmup = _chat(rng.choice(WARMUP_PREAMBLES), shuffled, "Describe them.")
     if probe is None:
         probe = _chat(rng.choice(PROBE_PREAMBLES), list(images), rng.choice(PROBE_QUESTIONS))
