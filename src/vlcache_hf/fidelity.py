@@ -172,15 +172,13 @@ def compare_modes(
     length = inputs["input_ids"].shape[1] - 1
     decode = processor.tokenizer.decode
     reference = run_probe(model, inputs, store, "full", max_new_tokens=max_new_tokens)
-    naive_report = None
+    naive_report = run_probe(model, inputs, store, "none").cache.report  # fresh and moved token counts
+    fresh = naive_report.recomputed_per_layer[0]
+    moved = max(naive_report.reused_tokens - naive_report.prefix_tokens, 1)
     results = []
     for mode in modes:
         out = run_probe(model, inputs, store, mode.policy, mode.recompute_ratio, profile, max_new_tokens)
         report = out.cache.report
-        if mode.policy == "none" or naive_report is None:
-            naive_report = naive_report or run_probe(model, inputs, store, "none").cache.report
-        fresh = naive_report.recomputed_per_layer[0]
-        moved = max(naive_report.reused_tokens - naive_report.prefix_tokens, 1)
         fraction = sum(c - fresh for c in report.recomputed_per_layer) / (len(report.recomputed_per_layer) * moved)
         results.append(
             RequestResult(
