@@ -39,3 +39,18 @@ def kl_first_token(reference, candidate) -> float:
     p = torch.log_softmax(reference.scores[0].float(), -1)
     q = torch.log_softmax(candidate.scores[0].float(), -1)
     return float((p.exp() * (p - q)).sum())
+
+
+def assert_full_policy_reuses_encoder_exactly(model, store, inputs, counter: EncoderCounter):
+    """Policy "full" on `inputs` whose visual items are all stored: the vision tower never runs and the
+    output equals plain `generate`. Returns the cache (for further checks of its report)."""
+    from vlcache_hf import VLCache
+
+    plain = greedy(model, inputs)
+    counter.calls = 0
+    cache = VLCache(model, store=store, policy="full")
+    ours = greedy(model, inputs, cache)
+    assert counter.calls == 0
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+    return cache

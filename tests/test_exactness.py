@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import greedy, kl_first_token
+from helpers import assert_full_policy_reuses_encoder_exactly, greedy, kl_first_token
 
 from vlcache_hf import CacheStore, VLCache, toy
 
@@ -49,13 +49,7 @@ def test_moved_and_swapped_images_full_policy_runs_no_encoder(models, family, im
     store = CacheStore()
     greedy(model, request(processor, images, "First:", [0, 1]), VLCache(model, store=store, policy="full"))
     moved = request(processor, images, "A different and much longer preamble, then", [1, 0], "Compare them.")
-    plain = greedy(model, moved)
-    counter = encoder_counter(model)
-    cache = VLCache(model, store=store, policy="full")
-    ours = greedy(model, moved, cache)
-    assert counter.calls == 0
-    assert torch.equal(plain.sequences, ours.sequences)
-    assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+    cache = assert_full_policy_reuses_encoder_exactly(model, store, moved, encoder_counter(model))
     assert cache.report.encoder_hits == 2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import greedy, kl_first_token
+from helpers import assert_full_policy_reuses_encoder_exactly, greedy, kl_first_token
 
 from vlcache_hf import CacheStore, VLCache, toy
 from vlcache_hf.models import get_adapter
@@ -24,13 +24,7 @@ def test_video_full_policy_exact_and_encoder_skipped_when_moved(models, family, 
     assert "pixel_values_videos" in first
     greedy(model, first, VLCache(model, store=store, policy="full"))
     moved = toy.chat_inputs(processor, [toy.message("user", "Another question entirely.", images[0], clips[0], "Again?")])
-    plain = greedy(model, moved)
-    counter = encoder_counter(model)
-    cache = VLCache(model, store=store, policy="full")
-    ours = greedy(model, moved, cache)
-    assert counter.calls == 0
-    assert torch.equal(plain.sequences, ours.sequences)
-    assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+    cache = assert_full_policy_reuses_encoder_exactly(model, store, moved, encoder_counter(model))
     assert cache.report.encoder_hits == 2 and cache.report.images == 2
 
 
