@@ -9,7 +9,7 @@ from vlcache_hf import toy
 from vlcache_hf.models import get_adapter
 
 
-@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next"])
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision"])
 def family(request) -> str:
     return request.param
 

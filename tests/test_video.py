@@ -1,5 +1,5 @@
 """Videos: one KV span per video (Qwen2/2.5-VL) or per frame group between timestamps (Qwen3-VL),
-re-rotated on all three axes when it moves."""
+re-rotated on all three axes when it moves; LLaVA-OneVision: one span per video on its 1-D axis."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def clips():
     return [toy.make_video(seed) for seed in (1, 2)]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision"])
 def test_video_full_policy_exact_and_encoder_skipped_when_moved(models, family, clips, images, encoder_counter):
     model, processor = models(family)
     store = CacheStore()
@@ -28,7 +28,7 @@ def test_video_full_policy_exact_and_encoder_skipped_when_moved(models, family, 
     assert cache.report.encoder_hits == 2 and cache.report.images == 2
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
 def test_video_exact_repeat_and_moved_reuse(models, family, clips):
     model, processor = models(family)
     store = CacheStore()

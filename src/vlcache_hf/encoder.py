@@ -91,7 +91,7 @@ def _wrapper(owner: nn.Module, modality: Modality, original):
         arguments.update(arguments.pop("kwargs", {}))
         return_dict = arguments.pop("return_dict", True)
         pixels = arguments.pop(next(iter(signature.parameters)))  # the first parameter holds the pixels
-        layout = arguments.pop(modality.layout_arg, None) if modality.layout_arg else None
+        layout = cache.adapter.item_layout(modality, {name: arguments.pop(name, None) for name in modality.layout_inputs})
         features = encode_items(cache.adapter, modality, cache.store, cache.fingerprint, pixels, layout, **arguments)
         output = BaseModelOutputWithPooling(pooler_output=tuple(features.embeddings))
         if features.deepstack:

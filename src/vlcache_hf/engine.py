@@ -53,7 +53,7 @@ def _visual_features(cache, kwargs: dict[str, Any], input_ids: torch.Tensor):
         if encoded is not None:
             found = getattr(encoded, encoder.FEATURES_ATTR, None) or encoder.features_from_output(encoded)
         elif kwargs.get(modality.pixels_arg) is not None:
-            layout = kwargs.get(modality.layout_arg) if modality.layout_arg else None
+            layout = cache.adapter.item_layout(modality, kwargs)
             found = encoder.encode_items(
                 cache.adapter, modality, cache.store, cache.fingerprint, kwargs[modality.pixels_arg], layout
             )

@@ -60,10 +60,10 @@ def moved_image_request(images: list, rng: random.Random, probe: list[dict] | No
 
 
 def chat_inputs(processor, messages: list[dict], device: torch.device | str = "cpu"):
-    """Processor inputs for a chat of text and PIL images."""
-    images = [item["image"] for message in messages for item in message["content"] if item["type"] == "image"]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(text=[text], images=images or None, return_tensors="pt").to(device)
+    """Processor inputs for a chat of text and PIL images (the images of the chat form one prompt)."""
+    from . import toy
+
+    return toy.chat_inputs(processor, messages).to(device)
 
 
 @dataclass

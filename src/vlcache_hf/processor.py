@@ -83,7 +83,10 @@ class VLCacheProcessor:
             return self.processor(text=texts, **kwargs)
         start = time.perf_counter()
         device = self.model.device
-        keys = [raw_image_key(image, self.settings) for image in images]
+        if len(images) == 1 and isinstance(images[0], (list, tuple)):  # one request's images, nested as HF takes them
+            images = list(images[0])
+        variant = self.adapter.image_variant(len(images))
+        keys = [raw_image_key(image, f"{self.settings}|{variant}") for image in images]
         entries = [self._load(key) for key in keys]
         missing = [i for i, entry in enumerate(entries) if entry is None]
         modality = self.adapter.modalities()[0]
@@ -91,9 +94,8 @@ class VLCacheProcessor:
         deepstack = [tuple(t.to(device) for t in e.deepstack) if e else () for e in entries]
         layouts: list[tuple[int, ...] | None] = [tuple(e.grid_thw) if e else None for e in entries]
         if missing:
-            processed = self.processor.image_processor(images=[images[i] for i in missing], return_tensors="pt")
-            pixels = processed["pixel_values"].to(device, self.model.dtype)
-            layout = processed.get(modality.layout_arg) if modality.layout_arg else None
+            pixels, layout = self.adapter.preprocess_images(self.processor.image_processor, [images[i] for i in missing], len(images))
+            pixels = pixels.to(device, self.model.dtype)
             layout = layout.to(device) if layout is not None else None
             found = encoder.encode_items(
                 self.adapter, modality, self.store, self.fingerprint, pixels, layout, item_keys=[keys[i] for i in missing]

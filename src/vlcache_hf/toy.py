@@ -1,4 +1,5 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL models and processors built fully offline.
+"""Tiny models and processors of every supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-1.5,
+LLaVA-NeXT, LLaVA-OneVision), built fully offline.
 
 No weights or tokenizers are downloaded: the tokenizer is byte-level BPE with no merges (every byte is a
 token) plus the Qwen special tokens, and the models come from configs with seeded random weights. Tests,
@@ -71,8 +72,9 @@ CHAT_TEMPLATE = (
 )
 
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision")
 LLAVA_IMAGE_TOKEN = "<image>"
+LLAVA_VIDEO_TOKEN = "<video>"
 LLAVA_IMAGE_PX = 56  # CLIP-style 56-px crops, 14-px patches: 16 image tokens (LLaVA-1.5 uses 336 px → 576)
 LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # tiles of 56 px: up to 4 crops + the base view
 
@@ -98,12 +100,14 @@ def build_processor(
             image_processor = LlavaNextImageProcessorPil(**crop, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
         return processor_cls(
             image_processor=image_processor,
-            tokenizer=build_tokenizer((LLAVA_IMAGE_TOKEN,)),
+            tokenizer=build_tokenizer(_llava_tokens(family)),
             patch_size=PATCH,
             num_additional_image_tokens=1,
             vision_feature_select_strategy="default",
             chat_template=CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", LLAVA_IMAGE_TOKEN),
         )
+    if family == "llava_onevision":
+        return _onevision_processor()
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     if family == "qwen3_vl":
         from transformers import Qwen3VLProcessor
@@ -111,7 +115,7 @@ def build_processor(
 
         scale = (16 / PATCH) ** 2
         image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=int(min_pixels * scale), max_pixels=int(max_pixels * scale), patch_size=16
+            min_pixels=round(min_pixels * scale), max_pixels=round(max_pixels * scale), patch_size=16
         )
         return Qwen3VLProcessor(
             image_processor=image_processor,
@@ -135,9 +139,37 @@ def build_processor(
     )
 
 
+def _llava_tokens(family: str) -> tuple[str, ...]:
+    """Extra special tokens of a LLaVA-family toy tokenizer (OneVision also takes videos)."""
+    if family == "llava_onevision":
+        return (LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN)
+    return (LLAVA_IMAGE_TOKEN,) if family.startswith("llava") else ()
+
+
+def _onevision_processor():
+    """LLaVA-OneVision processor: 56-px SigLIP views (16 tokens), an image alone in its prompt tiled into up to
+    2×2 crops + the base view, several images per prompt as padded base views (16 tokens + a newline each)."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    side = {"height": LLAVA_IMAGE_PX, "width": LLAVA_IMAGE_PX}
+    template = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", LLAVA_IMAGE_TOKEN)
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(size=side, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS),
+        video_processor=LlavaOnevisionVideoProcessor(size=side),
+        tokenizer=build_tokenizer(_llava_tokens("llava_onevision")),
+        num_image_tokens=(LLAVA_IMAGE_PX // PATCH) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=template.replace("<|vision_start|><|video_pad|><|vision_end|>", LLAVA_VIDEO_TOKEN),
+    )
+
+
 def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: int | None = None) -> Any:
     """Config of a toy model whose special-token ids match its `build_processor(family)` tokenizer."""
-    tokenizer = build_tokenizer((LLAVA_IMAGE_TOKEN,) if family.startswith("llava") else ())
+    tokenizer = build_tokenizer(_llava_tokens(family))
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=vocab_size or len(tokenizer),
@@ -210,6 +242,28 @@ def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: i
         if family == "llava_next":
             return LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
         return LlavaConfig(**common)
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
+        vision = SiglipVisionConfig(
+            hidden_size=size.vision_hidden,
+            intermediate_size=size.vision_hidden * 2,
+            num_hidden_layers=max(2, size.vision_depth),
+            num_attention_heads=size.vision_heads,
+            image_size=LLAVA_IMAGE_PX,
+            patch_size=PATCH,
+            vision_use_head=False,
+        )
+        return LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(**text),
+            image_token_index=ids(LLAVA_IMAGE_TOKEN),
+            video_token_index=ids(LLAVA_VIDEO_TOKEN),
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 
@@ -289,4 +343,6 @@ def chat_inputs(processor, messages: list[dict], add_generation_prompt: bool = T
     videos = [item["video"] for item in items if item["type"] == "video"]
     text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     extra = {"videos": videos} if videos else {}
-    return processor(text=[text], images=images or None, return_tensors="pt", **extra)
+    from .models import request_images
+
+    return processor(text=[text], images=request_images(processor, images) or None, return_tensors="pt", **extra)

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from ..cache import VLCache
 from ..compat import with_cache
+from ..models import request_images
 from ..selection import make_policy
 from ..store.store import CacheStore
 
@@ -389,7 +390,7 @@ class VLCacheLMM(lmms):
         return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
     def _inputs(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        batch = self.processor(text=[text], images=images or None, return_tensors="pt")
+        batch = self.processor(text=[text], images=request_images(self.processor, images) or None, return_tensors="pt")
         dtype = self._model.dtype
         return {
             k: (v.to(self._device, dtype) if v.is_floating_point() else v.to(self._device))

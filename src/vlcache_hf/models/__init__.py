@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import KVLayout, ModelAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: list[type[ModelAdapter]] = [QwenVLAdapter, Qwen3VLAdapter, LlavaAdapter, LlavaNextAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [QwenVLAdapter, Qwen3VLAdapter, LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter]
 
 
 def supported_families() -> list[str]:
     return [adapter.family for adapter in ADAPTERS]
+
+
+def request_images(processor: Any, images: list[Any]) -> list[Any]:
+    """One request's images in the form its processor reads as *one prompt*.
+
+    Processors that tell a prompt's images apart (LLaVA-OneVision's `batch_num_images`: an image alone in its
+    prompt is tiled, several are not) read a flat list as one prompt per image, so they get a nested list, as
+    `apply_chat_template(..., tokenize=True)` gives them; every other processor gets the flat list.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    if images and "batch_num_images" in getattr(image_processor, "model_input_names", ()):
+        return [list(images)]
+    return list(images)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -30,4 +46,4 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "KVLayout", "ModelAdapter", "get_adapter", "supported_families"]
+__all__ = ["ADAPTERS", "KVLayout", "ModelAdapter", "get_adapter", "request_images", "supported_families"]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,14 @@ class Modality:
     encoder_method: str  # e.g. "get_image_features"
     pixels_arg: str  # e.g. "pixel_values"
     layout_arg: str | None  # e.g. "image_grid_thw"
+    #: further inputs that decide an item's layout (LLaVA-OneVision's `batch_num_images`: an image is tiled only
+    #: when it is alone in its prompt); `ModelAdapter.item_layout` folds them into the per-item layout
+    extra_layout_args: tuple[str, ...] = ()
+
+    @property
+    def layout_inputs(self) -> tuple[str, ...]:
+        """Every input name `ModelAdapter.item_layout` reads for this modality."""
+        return ((self.layout_arg,) if self.layout_arg else ()) + self.extra_layout_args
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,27 @@ class ModelAdapter(ABC):
     def modalities(self) -> list[Modality]:
         """The visual inputs this family takes; images only unless an adapter adds more."""
         return [Modality("image", self.image_token_id, "get_image_features", "pixel_values", self.layout_arg)]
+
+    def item_layout(self, modality: Modality, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """The per-item layout tensor of `modality` (one row per item) from the encoder's or `generate`'s inputs.
+
+        Usually the layout argument itself (Qwen's `image_grid_thw`); a family whose layout depends on more
+        (LLaVA-OneVision) combines those inputs here, so the split, the keys and the encoder calls all see it.
+        """
+        return inputs.get(modality.layout_arg) if modality.layout_arg else None
+
+    def image_variant(self, prompt_images: int) -> str:
+        """What besides an image's content and the processor settings decides how it is encoded, given how many
+        images its prompt has; part of `VLCacheProcessor`'s raw-image key. Nothing for most families."""
+        return ""
+
+    def preprocess_images(
+        self, image_processor: Any, images: list[Any], prompt_images: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`pixel_values` and per-item layout of `images`, some of a prompt's `prompt_images` images, preprocessed
+        as the model's processor would in that prompt (`VLCacheProcessor` preprocesses only the misses)."""
+        processed = image_processor(images=images, return_tensors="pt")
+        return processed["pixel_values"], self.item_layout(self.modalities()[0], processed)
 
     @abstractmethod
     def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
