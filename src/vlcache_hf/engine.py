@@ -22,16 +22,9 @@ from .selection import SelectionContext
 from .store.entry import KVEntry
 from .store.keys import chain_prefix_hashes
 
-# inputs consumed by the prefill that must not reach the last-token forward
-_PREFILL_ONLY_INPUTS = (
-    "pixel_values",
-    "image_grid_thw",
-    "mm_encoder_outputs",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "second_per_grid_ts",
-    "cache_position",
-)
+# generate's inputs consumed by the prefill that must not reach the last-token forward (besides the visual
+# inputs each adapter names: pixels, layouts, pre-encoded outputs)
+_PREFILL_ONLY_INPUTS = ("cache_position",)
 _PER_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")
 
 
@@ -179,7 +172,8 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
 
 
 def _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans) -> dict[str, Any]:
-    new = {k: v for k, v in kwargs.items() if k not in _PREFILL_ONLY_INPUTS}
+    consumed = set(_PREFILL_ONLY_INPUTS) | cache.adapter.prefill_only_inputs()
+    new = {k: v for k, v in kwargs.items() if k not in consumed}
     new["input_ids"] = input_ids[:, -1:]
     new["position_ids"] = cache.adapter.last_token_position_ids(kwargs, positions)
     for name in _PER_TOKEN_INPUTS:

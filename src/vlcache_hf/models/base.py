@@ -148,6 +148,14 @@ class ModelAdapter(ABC):
         """The visual inputs this family takes; images only unless an adapter adds more."""
         return [Modality("image", self.image_token_id, "get_image_features", "pixel_values", self.layout_arg)]
 
+    def prefill_only_inputs(self) -> set[str]:
+        """Inputs the prefill consumes that the model's last-token forward must not see again (with pixels it
+        would encode the images a second time): every modality's pixels and layout inputs, pre-encoded outputs."""
+        names = {"mm_encoder_outputs"}
+        for modality in self.modalities():
+            names |= {modality.pixels_arg, *modality.layout_inputs}
+        return names
+
     def item_layout(self, modality: Modality, inputs: Mapping[str, Any]) -> torch.Tensor | None:
         """The per-item layout tensor of `modality` (one row per item) from the encoder's or `generate`'s inputs.
 

@@ -66,6 +66,9 @@ class QwenVLAdapter(ModelAdapter):
         )
         return [*super().modalities(), video]
 
+    def prefill_only_inputs(self) -> set[str]:
+        return super().prefill_only_inputs() | {"second_per_grid_ts"}  # video timing: read by `get_rope_index` only
+
     def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
         if layout is None:
             from ..errors import VLCacheError
