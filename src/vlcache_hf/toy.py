@@ -167,6 +167,18 @@ def _onevision_processor():
     )
 
 
+def _llava_vision_kwargs(size: ToySize) -> dict[str, int]:
+    """The ViT shape of every LLaVA-family toy (CLIP for LLaVA-1.5 / NeXT, SigLIP for OneVision)."""
+    return dict(
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_hidden * 2,
+        num_hidden_layers=max(2, size.vision_depth),
+        num_attention_heads=size.vision_heads,
+        image_size=LLAVA_IMAGE_PX,
+        patch_size=PATCH,
+    )
+
+
 def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: int | None = None) -> Any:
     """Config of a toy model whose special-token ids match its `build_processor(family)` tokenizer."""
     tokenizer = build_tokenizer(_llava_tokens(family))
@@ -224,14 +236,7 @@ def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: i
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
         text.pop("rope_parameters")
-        vision = CLIPVisionConfig(
-            hidden_size=size.vision_hidden,
-            intermediate_size=size.vision_hidden * 2,
-            num_hidden_layers=max(2, size.vision_depth),
-            num_attention_heads=size.vision_heads,
-            image_size=LLAVA_IMAGE_PX,
-            patch_size=PATCH,
-        )
+        vision = CLIPVisionConfig(**_llava_vision_kwargs(size))
         common = dict(
             vision_config=vision,
             text_config=LlamaConfig(**text),
@@ -246,15 +251,7 @@ def build_config(family: str = "qwen2_5_vl", size: ToySize = TINY, vocab_size: i
         from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
-        vision = SiglipVisionConfig(
-            hidden_size=size.vision_hidden,
-            intermediate_size=size.vision_hidden * 2,
-            num_hidden_layers=max(2, size.vision_depth),
-            num_attention_heads=size.vision_heads,
-            image_size=LLAVA_IMAGE_PX,
-            patch_size=PATCH,
-            vision_use_head=False,
-        )
+        vision = SiglipVisionConfig(**_llava_vision_kwargs(size), vision_use_head=False)
         return LlavaOnevisionConfig(
             vision_config=vision,
             text_config=Qwen2Config(**text),
