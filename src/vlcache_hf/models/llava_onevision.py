@@ -73,9 +73,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tiled when the prompt has one image; otherwise base views, which the image processor gives for a
         nested group of two or more (a lone one is processed beside a copy of itself, the copy dropped)."""
-        if prompt_images == 1:
-            processed = image_processor(images=[list(images)], return_tensors="pt")
-            return processed["pixel_values"], self.item_layout(self.modalities()[0], processed)
+        if prompt_images == 1:  # a flat list of one reads as one prompt of one: the default path tiles it
+            return super().preprocess_images(image_processor, images, prompt_images)
         group = list(images) + list(images[:1]) if len(images) == 1 else list(images)
         processed = image_processor(images=[group], return_tensors="pt")
         sizes = processed["image_sizes"][: len(images)].long().view(-1, 2)
