@@ -9,7 +9,8 @@ import torch
 from helpers import greedy
 
 from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
-from vlcache_hf.processor import VLCacheProcessor, raw_image_key
+from vlcache_hf.processor import VLCacheProcessor, seen_pixels
+from vlcache_hf.store.keys import image_key_from_seen
 
 
 def test_hits_skip_preprocessing_and_encoder(models, family, images, encoder_counter):
@@ -56,13 +57,18 @@ def test_partial_hit_encodes_only_the_new_image(models, images, encoder_counter)
     assert torch.equal(plain.sequences[:, -6:], ours.sequences[:, -6:])
 
 
-def test_key_depends_on_content_and_settings(images, tmp_path):
-    assert raw_image_key(images[0], "a") == raw_image_key(images[0].copy(), "a")
-    assert raw_image_key(images[0], "a") != raw_image_key(images[1], "a")
-    assert raw_image_key(images[0], "a") != raw_image_key(images[0], "b")
+def test_key_depends_on_content_and_settings(models, images, tmp_path):
+    image_processor = models("qwen2_5_vl")[1].image_processor
+
+    def key(image, settings):
+        return image_key_from_seen(seen_pixels(image_processor, image, {}), settings)
+
+    assert key(images[0], "a") == key(images[0].copy(), "a")
+    assert key(images[0], "a") != key(images[1], "a")
+    assert key(images[0], "a") != key(images[0], "b")
     path = tmp_path / "x.png"
     images[0].save(path)
-    assert raw_image_key(str(path), "a") == raw_image_key(path, "a")
+    assert key(str(path), "a") == key(images[0], "a")
 
 
 def test_bad_inputs(models, images):

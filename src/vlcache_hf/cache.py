@@ -8,6 +8,10 @@ and leaves the final prompt token to the model's own forward; from then on the c
 
 from __future__ import annotations
 
+import copy
+import os
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
@@ -104,6 +108,12 @@ class VLCacheLayer(DynamicLayer):
         self.values.index_copy_(2, index, value_states.to(self.values.dtype))
         return self.keys, self.values
 
+    def crop(self, *args, **kwargs) -> None:
+        """Crop like a `DynamicLayer`, and give up the spare capacity: the next append copies into new storage
+        instead of writing over rows that tensors handed out before the crop still view."""
+        super().crop(*args, **kwargs)
+        self._storage = None
+
     def reset(self) -> None:
         self._storage = None
         super().reset()
@@ -123,7 +133,13 @@ class VLCache(Cache):
         profile: a `LayerProfile` (or the path of its JSON) from `vlcache_hf.calibrate` for this model; it sets
             the per-layer budgets of layer-aware policies ("vlcache"). Without one they use their documented
             default allocation; `cache.report.allocation` says which was used.
+
+    A `VLCache` affects only the `generate` (or forward) call it is handed: creating one changes nothing else.
+    `copy.deepcopy(cache)` copies its K/V and shares the model and the store (as `DynamicCache` copies do).
     """
+
+    # shared, not copied, by `copy.deepcopy`: the model and what belongs to it, the store, the settings
+    _SHARED = frozenset({"model", "adapter", "store", "policy", "profile", "fingerprint"})
 
     def __init__(
         self,
@@ -148,23 +164,51 @@ class VLCache(Cache):
         if not isinstance(prefix_chunk_size, int) or prefix_chunk_size < 1:
             raise ValueError(f"prefix_chunk_size must be a positive int, got {prefix_chunk_size!r}")
         self.model = model
-        self.store = store if store is not None else default_store()
+        self.store = _checked_store(store)
         self.recompute_ratio = float(recompute_ratio)
         self.prefix_chunk_size = prefix_chunk_size
         self.publish = publish
         self.report: PrefillReport | None = None
         self.is_prefilled = False
+        self.pending_entries: list[tuple[str, Any]] = []  # encoder entries published once the prefill succeeds
         super().__init__(layers=[VLCacheLayer() for _ in range(self.adapter.kv_layout.num_layers)])
         hook.install(model)
         encoder.install(self.adapter)
-        encoder.arm(self)
 
     def mark_prefilled(self) -> None:
         self.is_prefilled = True
-        encoder.disarm(self)
+
+    def abandon_prefill(self) -> None:
+        """Forget a prefill that raised: empty layers, no report, nothing pending (a retry starts afresh)."""
+        self.layers = [VLCacheLayer() for _ in self.layers]
+        self.report, self.is_prefilled = None, False
+        self.pending_entries.clear()
+
+    def __deepcopy__(self, memo: dict) -> VLCache:
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            clone.__dict__[name] = value if name in self._SHARED else copy.deepcopy(value, memo)
+        return clone
 
     def __repr__(self) -> str:
         return (
             f"VLCache(policy={self.policy.name!r}, recompute_ratio={self.recompute_ratio}, "
             f"tokens={self.get_seq_length()}, store={self.store!r})"
         )
+
+
+def _checked_store(store: Any) -> CacheStore:
+    """The store a request uses. A path is refused rather than opened: a store is meant to be created once and
+    shared by every request (its memory tier and byte budgets live in that one object)."""
+    if store is None:
+        return default_store()
+    if isinstance(store, CacheStore):
+        return store
+    if isinstance(store, (str, bytes, os.PathLike)):
+        path = os.fsdecode(store)
+        raise VLCacheError(
+            f"store={path!r} is a path; create the store once and share it: "
+            f"store = CacheStore(disk={path!r}), then VLCache(model, store=store)"
+        )
+    raise VLCacheError(f"store must be a CacheStore (or None for the process-wide one), got {type(store).__name__}")

@@ -17,10 +17,10 @@ from .errors import VLCacheError
 from .metrics import PrefillReport, PrefillTimings
 from .plan import ImageSpan, find_image_spans, plan_prefill
 from .prefill import allocate_buffers, fill_moved, fill_prefix, run_layers
-from .reuse import load_image_kv, load_prefix, publish_image, publish_prefix
+from .reuse import SpanHit, load_image_kv, load_prefix, publish_image, publish_prefix
 from .selection import SelectionContext
 from .store.entry import KVEntry
-from .store.keys import chain_prefix_hashes
+from .store.keys import CONTEXT_BLOCK, chain_prefix_hashes, context_hashes
 
 # generate's inputs consumed by the prefill that must not reach the last-token forward (besides the visual
 # inputs each adapter names: pixels, layouts, pre-encoded outputs)
@@ -48,7 +48,8 @@ def _visual_features(cache, kwargs: dict[str, Any], input_ids: torch.Tensor):
         elif kwargs.get(modality.pixels_arg) is not None:
             layout = cache.adapter.item_layout(modality, kwargs)
             found = encoder.encode_items(
-                cache.adapter, modality, cache.store, cache.fingerprint, kwargs[modality.pixels_arg], layout
+                cache.adapter, modality, cache.store, cache.fingerprint, kwargs[modality.pixels_arg], layout,
+                pending=cache.pending_entries,
             )
         else:
             found = encoder.ImageFeatures([], [], [])
@@ -77,33 +78,62 @@ def _embeddings(cache, input_ids: torch.Tensor, spans: list[ImageSpan], features
     return embeds
 
 
-def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Fill `cache` with all prompt tokens but the last; return kwargs for the model's last-token forward."""
+def _contexts(
+    fp: str, input_ids: torch.Tensor, kwargs: dict[str, Any], positions: torch.Tensor, spans: list[ImageSpan], chunk: int,
+    num_tokens: int,
+):
+    """Prefix chunk hashes of tokens [0, num_tokens) and, per span start, the context hash of the tokens up to its end.
+
+    Both cover everything the K/V is computed from: token ids with image content keys, the positions the
+    adapter computed (so every input its position computation reads — padding, video timing — counts without
+    the engine naming it) and which tokens are visible (the attention mask).
+    """
+    ids = input_ids[0, :num_tokens].tolist()
+    image_keys_at = {pos: s.key for s in spans for pos in range(s.start, s.end)}
+    pos = positions[:, 0, :num_tokens].to("cpu", torch.long)
+    mask = kwargs.get("attention_mask")
+    visible = torch.ones(num_tokens, dtype=torch.bool) if mask is None else mask[0, :num_tokens].to("cpu", torch.bool)
+    hashes = chain_prefix_hashes(fp, ids, image_keys_at, chunk, pos, visible)
+    blocks = hashes if chunk == CONTEXT_BLOCK else ()  # the same chain: hash the prompt once
+    ends = context_hashes(fp, ids, image_keys_at, [s.end for s in spans if s.end <= num_tokens], pos, visible, blocks)
+    return hashes, {s.start: ends[s.end] for s in spans if s.end <= num_tokens}
+
+
+def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -> dict[str, Any]:
+    """Fill `cache` with all prompt tokens but the last `keep`; return kwargs for the model's forward over those
+    (`keep` > 1 when the caller needs their logits: assisted decoding's candidates, `logits_to_keep`)."""
     start = time.perf_counter()
     adapter, store, fp, policy = cache.adapter, cache.store, cache.fingerprint, cache.policy
     input_ids = _input_ids(args, kwargs)
     device, total, layout = input_ids.device, input_ids.shape[1], adapter.kv_layout
-    num_tokens, chunk = total - 1, cache.prefix_chunk_size
+    num_tokens, chunk = total - keep, cache.prefix_chunk_size
     timings = PrefillTimings()
 
     features, spans = _visual_features(cache, kwargs, input_ids)
     timings.encoder_s = features.seconds
     positions = adapter.prompt_positions(kwargs, input_ids)
-    image_keys_at = {pos: s.key for s in spans for pos in range(s.start, s.end)}
-    chunk_hashes = chain_prefix_hashes(fp, input_ids[0, :num_tokens].tolist(), image_keys_at, chunk)
+    chunk_hashes, contexts = _contexts(fp, input_ids, kwargs, positions, spans, chunk, num_tokens)
+    # K/V at length-dependent rotary frequencies holds for this prompt length only: neither reused nor stored
+    base_rope = adapter.rope_frequencies_are_base(positions)
+    fallback = "" if base_rope else (
+        "rope frequencies depend on the prompt length here (dynamic NTK / LongRoPE past the original length): "
+        "stored K/V not reused and this request's K/V not published"
+    )
 
-    # 1. what the store already holds
+    # 1. what the store already holds: exact prefix chunks, then per image span its K/V from this same
+    #    context (exact) or from another one (moved)
     tick = time.perf_counter()
     prefix_entries: list[KVEntry] = []
-    span_entries: dict[str, KVEntry] = {}
-    if policy.reuses_kv:
+    hits: dict[int, SpanHit] = {}  # by span start: a duplicated image is two spans with their own hits
+    if policy.reuses_kv and base_rope:
         prefix_entries = load_prefix(store, fp, layout, chunk_hashes, chunk)
         for span in spans:
             if len(prefix_entries) * chunk < span.end <= num_tokens:
-                entry = load_image_kv(store, fp, layout, span)
-                if entry is not None:
-                    span_entries[span.key] = entry
-    plan = plan_prefill(num_tokens, spans, len(prefix_entries) * chunk, set(span_entries), device)
+                hit = load_image_kv(store, fp, layout, span, contexts[span.start])
+                if hit is not None:
+                    hits[span.start] = hit
+    span_hits = {start: hit.exact for start, hit in hits.items()}
+    plan = plan_prefill(num_tokens, spans, len(prefix_entries) * chunk, device=device, span_hits=span_hits)
     buffers = allocate_buffers(layout, num_tokens, device)
     fill_prefix(buffers, prefix_entries, chunk)
     _sync(device)
@@ -112,7 +142,8 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
     # 2. reused image spans at their new positions
     tick = time.perf_counter()
     for part in plan.reused_spans:  # part.offset: where the reused part starts within its stored span
-        fill_moved(adapter, buffers, span_entries[part.key], part.offset, part.start, part.end, positions)
+        entry = hits[part.start - part.offset].entry
+        fill_moved(adapter, buffers, entry, part.offset, part.start, part.end, positions)
     for layer_idx, layer in enumerate(cache.layers):
         layer.load(buffers[layer_idx, 0], buffers[layer_idx, 1], num_tokens)
     _sync(device)
@@ -137,27 +168,29 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
 
     # 4. publish what this request computed
     tick = time.perf_counter()
-    if cache.publish and num_tokens > 0:
+    if cache.publish and num_tokens > 0 and base_rope:
         layer_buffers = [(layer.keys, layer.values) for layer in cache.layers]
-        exact_until = min((p.start for p in plan.reused_spans), default=num_tokens)
+        exact_until = plan.exact_until  # K/V after a moved (approximate) part is approximate too
         publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, len(prefix_entries), exact_until)
         for span in spans:
-            if span.end <= num_tokens and span.key not in span_entries and span.end > plan.prefix_tokens:
-                publish_image(store, fp, layer_buffers, positions, span)
+            if span.end <= num_tokens and span.start not in hits and span.end > plan.prefix_tokens:
+                exact = span.end <= exact_until
+                publish_image(store, fp, layer_buffers, positions, span, contexts[span.start], exact)
     _sync(device)
     timings.publish_s = time.perf_counter() - tick
     adapter.after_prefill(positions, total)
     timings.total_s = features.seconds + time.perf_counter() - start
 
     computed_at_layer0 = counts[0] if counts else 0
-    kv_hits = sum(1 for s in spans if s.end <= plan.prefix_tokens or s.key in span_entries)
+    kv_hits = sum(1 for s in spans if s.end <= plan.prefix_tokens or s.start in hits)
+    moved_tokens = sum(part.length for part in plan.moved_parts)
     cache.report = PrefillReport(
         policy=policy.name,
         total_tokens=total,
         reused_tokens=num_tokens - computed_at_layer0,
         prefix_tokens=plan.prefix_tokens,
-        recomputed_tokens=computed_at_layer0 + 1,
-        recomputed_per_layer=[c + 1 for c in counts],
+        recomputed_tokens=computed_at_layer0 + keep,
+        recomputed_per_layer=[c + keep for c in counts],
         image_tokens=sum(s.length for s in spans),
         images=len({s.index for s in spans}),
         encoder_hits=sum(features.hits),
@@ -166,21 +199,53 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any
         kv_misses=len(spans) - kv_hits if policy.reuses_kv else 0,
         timings=timings,
         allocation=getattr(policy, "allocation", ""),
+        fallback=fallback,
+        exact_span_tokens=sum(part.length for part in plan.reused_spans) - moved_tokens,
+        moved_tokens=moved_tokens,
     )
     cache.mark_prefilled()
-    return _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans)
+    return _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans, keep)
 
 
-def _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans) -> dict[str, Any]:
+def plain_prefill(cache, args: tuple, kwargs: dict[str, Any], reason: str) -> None:
+    """Leave the whole prompt to the model's own forward (it fills the empty cache like a `DynamicCache`), for a
+    forward that must return something of every position; nothing is reused or published but encoder outputs.
+    The report says why. Encoder hits are those of the items `generate` encoded through the store."""
+    input_ids = _input_ids(args, kwargs)
+    total, modalities = input_ids.shape[1], cache.adapter.modalities()
+    hits: list[bool] = []
+    for modality in modalities:
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get(modality.name)
+        hits += getattr(getattr(encoded, encoder.FEATURES_ATTR, None), "hits", [])
+    cache.report = PrefillReport(
+        policy=cache.policy.name,
+        total_tokens=total,
+        reused_tokens=0,
+        prefix_tokens=0,
+        recomputed_tokens=total,
+        recomputed_per_layer=[total] * cache.adapter.kv_layout.num_layers,
+        image_tokens=sum(int((input_ids == m.token_id).sum()) for m in modalities),
+        images=len(hits),
+        encoder_hits=sum(hits),
+        encoder_misses=len(hits) - sum(hits),
+        kv_hits=0,
+        kv_misses=0,
+        fallback=f"plain prefill by the model's own forward: {reason}",
+    )
+    cache.mark_prefilled()
+
+
+def _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans, keep: int = 1) -> dict[str, Any]:
+    """kwargs for the model's own forward over the last `keep` prompt tokens, on top of the filled cache."""
     consumed = set(_PREFILL_ONLY_INPUTS) | cache.adapter.prefill_only_inputs()
     new = {k: v for k, v in kwargs.items() if k not in consumed}
-    new["input_ids"] = input_ids[:, -1:]
-    new["position_ids"] = cache.adapter.last_token_position_ids(kwargs, positions)
+    new["input_ids"] = input_ids[:, -keep:]
+    new["position_ids"] = cache.adapter.last_token_position_ids(kwargs, positions, keep)
     for name in _PER_TOKEN_INPUTS:
         if new.get(name) is not None:
-            new[name] = new[name][..., -1:]
-    last = input_ids.shape[1] - 1
-    if any(s.start <= last < s.end for s in spans):  # the prompt ends inside an image: pass its embedding
+            new[name] = new[name][..., -keep:]
+    first = input_ids.shape[1] - keep
+    if any(s.start < input_ids.shape[1] and s.end > first for s in spans):  # image tokens among them: pass embeddings
         new["input_ids"] = None
-        new["inputs_embeds"] = embeds[:, -1:]
+        new["inputs_embeds"] = embeds[:, first:]
     return new

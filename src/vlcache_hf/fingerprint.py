@@ -1,19 +1,39 @@
-"""Model fingerprints: stored entries are only ever used by the model (weights, config, dtype) that wrote them."""
+"""Model fingerprints: stored entries are only ever used by the model (weights, config, dtype) that wrote them.
+
+Every byte of every weight is hashed: a fine-tune, a merged adapter or a `load_state_dict` may change any
+value, and a digest of a sample would keep serving the old model's K/V. Hashing is blake3 on all cores
+(`eval/bench_fingerprint.py` measures it: seconds for a 7B model, once). The weights digest is then
+memoized against each tensor's identity, storage pointer and autograd version counter — which every
+in-place op bumps (`load_state_dict`'s `copy_`, optimiser steps, `torch.no_grad()` edits) and which
+assigning a new tensor replaces — so re-validating it per `VLCache` costs a walk over the state dict.
+
+Writes through `tensor.data` bypass the version counter (PyTorch's documented escape hatch): after those,
+call `fingerprint(model, refresh=True)`.
+"""
 
 from __future__ import annotations
 
 import json
 import weakref
+from dataclasses import dataclass
 
+import blake3
 import torch
 from torch import nn
 
 from .store.entry import FORMAT_VERSION
-from .store.keys import digest, model_fingerprint, tensor_parts
+from .store.keys import model_fingerprint, tensor_parts
 
-_SAMPLES_PER_TENSOR = 1024
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation_autoset"}
-_memo: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Memo:
+    signature: tuple
+    weights_digest: str
+
+
+_memo: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
 
 
 def _config_json(model: nn.Module) -> str:
@@ -23,25 +43,35 @@ def _config_json(model: nn.Module) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def _weights_digest(model: nn.Module) -> str:
-    """Digest of every tensor's name, shape, dtype and ~1k evenly spaced values.
+def weights_signature(model: nn.Module) -> tuple:
+    """What changes whenever a weight may have changed: per checkpoint tensor (parameters and persistent
+    buffers) its name, identity, storage pointer and version counter. A new shape, dtype or device comes
+    with a new tensor, so those need no entry of their own. No tensor data is read."""
+    return tuple((name, id(t), t.data_ptr(), t._version) for name, t in model.state_dict(keep_vars=True).items())
 
-    Hashing all weights of a 7B model would take seconds; a strided sample of every tensor changes when
-    any checkpoint changes, at a cost of milliseconds.
-    """
-    parts: list[bytes | str] = []
+
+def weights_digest(model: nn.Module) -> str:
+    """blake3 of every tensor's name, dtype, shape and all of its bytes, each part length-prefixed (as
+    `keys.digest` does). One tensor is copied to the CPU at a time; blake3 hashes it on all cores."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-            parts.append(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}")
-            parts.extend(tensor_parts(flat[::step][:_SAMPLES_PER_TENSOR]))
-    return digest(*parts)
+            for part in (name.encode(), *tensor_parts(tensor)):
+                hasher.update(len(part).to_bytes(8, "little"))
+                hasher.update(part)
+    return hasher.hexdigest()
 
 
 def fingerprint(model: nn.Module, refresh: bool = False) -> str:
-    """The model's fingerprint, computed once per model object (pass `refresh=True` after changing weights)."""
-    if refresh or model not in _memo:
-        dtype = str(next(model.parameters()).dtype)
-        _memo[model] = model_fingerprint(_config_json(model), _weights_digest(model), dtype, FORMAT_VERSION)
-    return _memo[model]
+    """The model's fingerprint: its config, dtype and a digest of all its weights.
+
+    The weights are re-hashed only when `weights_signature` says a tensor changed (or `refresh=True`); the
+    config is read every call, so editing it is seen too.
+    """
+    signature = weights_signature(model)
+    memo = _memo.get(model)
+    if refresh or memo is None or memo.signature != signature:
+        memo = _Memo(signature, weights_digest(model))
+        _memo[model] = memo
+    dtype = str(next(model.parameters()).dtype)
+    return model_fingerprint(_config_json(model), memo.weights_digest, dtype, FORMAT_VERSION)

@@ -2,17 +2,19 @@
 
 It only translates: when the model is called with a `VLCache` that has not been prefilled yet and more
 than one prompt token, the hook runs `engine.prefill_request` and hands the model's forward the final
-prompt token alone. Every other call passes through untouched.
+prompt token alone (the final n when the caller keeps n logits: assisted decoding). A prefill that must
+return something of every position (hidden states, attentions, a loss) runs as the model's own forward
+instead (`engine.plain_prefill`). Every other call passes through untouched.
 """
 
 from __future__ import annotations
 
-import weakref
+import threading
 from typing import Any
 
 from torch import nn
 
-_installed: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_install_lock = threading.Lock()
 
 
 def _find_cache(kwargs: dict[str, Any]):
@@ -37,14 +39,65 @@ def _prefill_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
     if input_ids is not None and input_ids.ndim == 2 and input_ids.shape[1] < 2:
         cache.mark_prefilled()
         return None
+    reason = _plain_prefill_reason(module, kwargs, input_ids.shape[1]) if input_ids is not None else ""
+    if reason:  # the model's own forward computes everything; the encoder cache has served its images
+        from . import encoder
+        from .engine import plain_prefill
+
+        plain_prefill(cache, args, kwargs, reason)
+        encoder.publish_pending(cache)
+        return None
+    return (), _prefill(cache, args, kwargs, _tokens_for_the_model(kwargs))
+
+
+#: forward outputs that cover every prompt position; the selective prefill produces none of them
+_EVERY_POSITION_OUTPUTS = ("output_hidden_states", "output_attentions")
+
+
+def _plain_prefill_reason(module: nn.Module, kwargs: dict[str, Any], length: int) -> str:
+    """Why this prefill forward needs the model's own computation of every prompt position ("" if it does not).
+
+    Hidden states, attentions and a loss over `labels` read every position, and so does `logits_to_keep` = 0
+    (all logits) or an index tensor; such a forward runs unchanged (the encoder cache still serves its images).
+    """
+    for flag in _EVERY_POSITION_OUTPUTS:
+        value = kwargs.get(flag)
+        if value if value is not None else getattr(module.config, flag, False):
+            return f"{flag} was requested"
+    if kwargs.get("labels") is not None:
+        return "labels were given (the loss reads every position's logits)"
+    keep = kwargs.get("logits_to_keep")
+    if keep is not None and (not isinstance(keep, int) or keep == 0 or keep >= length):
+        return f"logits_to_keep={keep if isinstance(keep, int) else 'tensor'} asks for the logits of every position"
+    return ""
+
+
+def _tokens_for_the_model(kwargs: dict[str, Any]) -> int:
+    """How many final prompt tokens the model's own forward computes: those whose logits the caller keeps
+    (assisted / prompt-lookup decoding verify their candidates in the prefill forward: `logits_to_keep` =
+    candidates + 1). Without `logits_to_keep` (a direct call), the last token only."""
+    keep = kwargs.get("logits_to_keep")
+    return keep if isinstance(keep, int) and keep > 1 else 1
+
+
+def _prefill(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -> dict[str, Any]:
+    """Run the request's prefill as one unit: if any phase raises, the cache is left empty and nothing this
+    request computed is published, so a retry or the next request starts from the state before it."""
+    from . import encoder
     from .engine import prefill_request
 
-    return (), prefill_request(cache, args, kwargs)
+    try:
+        new_kwargs = prefill_request(cache, args, kwargs, keep=keep)
+        encoder.publish_pending(cache)
+    except BaseException:
+        cache.abandon_prefill()
+        raise
+    return new_kwargs
 
 
 def install(model: nn.Module) -> None:
-    """Register the pre-hook on `model` once."""
-    if model in _installed:
-        return
-    model.register_forward_pre_hook(_prefill_hook, with_kwargs=True)
-    _installed.add(model)
+    """Register the pre-hook on `model` once. The hook is a module-level function kept in the model's own
+    hook table, so a `deepcopy` or a `torch.save`d model carries it (and is not hooked twice)."""
+    with _install_lock:  # two threads creating the first caches of a model at once must not hook it twice
+        if _prefill_hook not in model._forward_pre_hooks.values():
+            model.register_forward_pre_hook(_prefill_hook, with_kwargs=True)

@@ -27,6 +27,12 @@ class PrefillReport:
     (images and videos); `encoder_hits` / `encoder_misses` count items; `kv_hits` / `kv_misses` count
     their token spans (one per item, or one per frame group for Qwen3-VL videos) whose K/V was / was not
     found (inside an exact prefix hit or as a stored span); policy "full" looks nothing up and reports 0.
+
+    Reused K/V is exact or moved: `prefix_tokens` (exact prefix chunks) and `exact_span_tokens` (image tokens
+    past the prefix whose stored K/V was computed in this same context: same tokens, images, positions and
+    padding before them) are exact; `moved_tokens` were filled from K/V computed in another context,
+    re-rotated — approximate, the tokens a selection policy may recompute. `moved_tokens` counts all of them;
+    in `reused_tokens` / `recomputed_tokens` those the policy recomputes at layer 0 count as recomputed.
     """
 
     policy: str
@@ -43,6 +49,10 @@ class PrefillReport:
     kv_misses: int
     timings: PrefillTimings = field(default_factory=PrefillTimings)
     allocation: str = ""  # where per-layer budgets came from (layer-aware policies): a profile or the default
+    #: why this prefill did less than its policy asks (no K/V reuse, or a plain prefill by the model); "" if it did not
+    fallback: str = ""
+    exact_span_tokens: int = 0
+    moved_tokens: int = 0
 
     @property
     def recomputed_fraction(self) -> float:
@@ -54,9 +64,11 @@ class PrefillReport:
     def summary(self) -> str:
         t = self.timings
         return (
-            f"{self.total_tokens} tokens: {self.reused_tokens} reused ({self.prefix_tokens} as exact prefix), "
+            f"{self.total_tokens} tokens: {self.reused_tokens} reused ({self.prefix_tokens} as exact prefix, "
+            f"{self.exact_span_tokens} exact in context, {self.moved_tokens} moved), "
             f"{self.recomputed_tokens} computed; images {self.images}: encoder {self.encoder_hits} hit / "
             f"{self.encoder_misses} miss, KV {self.kv_hits} hit / {self.kv_misses} miss; "
             f"encoder {t.encoder_s * 1e3:.1f} ms, load {t.store_load_s * 1e3:.1f} ms, "
             f"re-rotate {t.rerotation_s * 1e3:.1f} ms, prefill {t.prefill_s * 1e3:.1f} ms"
+            + (f"; {self.fallback}" if self.fallback else "")
         )

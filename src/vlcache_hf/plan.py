@@ -1,13 +1,15 @@
 """Planning a prefill: where the images are, what is reused, what must be computed.
 
 Pure bookkeeping over token indices: no model, no store. `plan_prefill` reads like the algorithm:
-the exact prefix is reused as is, image spans found in the store are reused at their new position, and
-every other token is fresh.
+the exact prefix is reused as is, image spans found in the store are reused — as they are when they were
+computed in this same context (exact), re-rotated to their new position otherwise (moved) — and every other
+token is fresh.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,11 +85,27 @@ class PrefillPlan:
     prefix_tokens: int
     reused_spans: list[ImageSpan]  # image spans (or their parts past the prefix) filled from stored K/V
     fresh_mask: torch.Tensor  # bool [num_tokens]
+    #: starts (in the prompt) of the image spans whose stored K/V was computed in this same context
+    exact_starts: frozenset[int] = field(default_factory=frozenset)
+
+    def is_exact(self, part: ImageSpan) -> bool:
+        """True if reused part `part` comes from K/V computed in this very context (no re-rotation, no error)."""
+        return part.start - part.offset in self.exact_starts
+
+    @property
+    def moved_parts(self) -> list[ImageSpan]:
+        """Reused parts computed in another context: approximate."""
+        return [s for s in self.reused_spans if not self.is_exact(s)]
 
     @property
     def moved_spans(self) -> tuple[ReusedSpan, ...]:
-        """Reused tokens outside the exact prefix: their K/V is approximate, so they may be recomputed."""
-        return tuple(ReusedSpan(s.start, s.end) for s in self.reused_spans)
+        """Reused tokens whose K/V was computed in another context: approximate, so they may be recomputed."""
+        return tuple(ReusedSpan(s.start, s.end) for s in self.moved_parts)
+
+    @property
+    def exact_until(self) -> int:
+        """Every token before this one has exact K/V after the prefill: the start of the first moved part."""
+        return min((s.start for s in self.moved_parts), default=self.num_tokens)
 
     @property
     def reused_count(self) -> int:
@@ -98,20 +116,26 @@ def plan_prefill(
     num_tokens: int,
     image_spans: list[ImageSpan],
     prefix_tokens: int,
-    kv_hit_keys: set[str],
+    kv_hit_keys: Collection[str] = (),
     device: torch.device | str = "cpu",
+    *,
+    span_hits: Mapping[int, bool] | None = None,
 ) -> PrefillPlan:
     """Plan tokens [0, num_tokens): reuse the exact prefix, reuse stored spans past it, compute the rest.
 
-    `kv_hit_keys` are the keys of the spans whose K/V was found. A span partly inside the prefix keeps only
-    its part past the prefix as a reused span (its `offset` then says where that part starts in the span).
+    `span_hits` maps the start of each span whose K/V was found to whether it is exact (computed in this same
+    context); the same image twice in a prompt is two spans with their own hits. Without it, `kv_hit_keys`
+    names the image keys found, all as moved. A span partly inside the prefix keeps only its part past the
+    prefix as a reused span (its `offset` then says where that part starts in the span).
     """
+    hits = span_hits if span_hits is not None else {s.start: False for s in image_spans if s.key in kv_hit_keys}
     fresh = torch.ones(num_tokens, dtype=torch.bool, device=device)
     fresh[:prefix_tokens] = False
     reused: list[ImageSpan] = []
     for span in image_spans:
         start, end = max(span.start, prefix_tokens), min(span.end, num_tokens)
-        if span.key in kv_hit_keys and start < end:
+        if span.start in hits and start < end:
             reused.append(ImageSpan(span.index, start, end, span.key, start - span.start))
             fresh[start:end] = False
-    return PrefillPlan(num_tokens, prefix_tokens, reused, fresh)
+    exact = frozenset(start for start, is_exact in hits.items() if is_exact)
+    return PrefillPlan(num_tokens, prefix_tokens, reused, fresh, exact)

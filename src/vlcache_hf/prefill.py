@@ -2,8 +2,9 @@
 
 Queries are the recompute tokens; keys/values are the whole prompt's buffers, which start out holding the
 reused K/V and receive the fresh K/V of each layer's recompute set as the layer runs (`VLCacheLayer` does
-the scatter write). The causal mask is built by position in the full sequence. With the recompute set = all
-tokens this is the model's own prefill; with a 2 % set a layer costs about 2 % of its full prefill.
+the scatter write). The causal mask is built by position in the full sequence (and windowed on the layers the
+model windows, see `LayerMasks`). With the recompute set = all tokens this is the model's own prefill; with a
+2 % set a layer costs about 2 % of its full prefill.
 """
 
 from __future__ import annotations
@@ -63,18 +64,47 @@ def fill_moved(
     buffers[:, 1, 0, :, start:end] = kv[:, 1]
 
 
-def attention_mask_for(query_idx: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None) -> torch.Tensor | None:
-    """Bool mask [1, 1, q, num_keys] letting query i (at prompt position query_idx[i]) see keys 0..query_idx[i].
+def attention_mask_for(
+    query_idx: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None, window: int | None = None
+) -> torch.Tensor | None:
+    """Bool mask [1, 1, q, num_keys] letting query i (at prompt position query_idx[i]) see keys 0..query_idx[i],
+    or only the last `window` of them (query_idx[i] - window < j) on a sliding-window layer.
 
-    `None` when the set is the whole prompt without padding: plain causal attention.
+    `None` when the set is the whole prompt without padding and no window cuts into it: plain causal attention.
     """
-    if query_idx.numel() == num_keys and key_padding is None:
+    windowed = window is not None and window < num_keys
+    if query_idx.numel() == num_keys and key_padding is None and not windowed:
         return None
     keys = torch.arange(num_keys, device=query_idx.device)
     allowed = keys[None, :] <= query_idx[:, None]
+    if windowed:
+        allowed &= keys[None, :] > query_idx[:, None] - window
     if key_padding is not None:
         allowed &= key_padding[None, :] | (keys[None, :] == query_idx[:, None])
     return allowed[None, None]
+
+
+class LayerMasks:
+    """The attention mask of each decoder layer for the current recompute set, built once per distinct window.
+
+    Layers differ only by their sliding window (`ModelAdapter.attention_window`); a new recompute set
+    (`reset`) drops the masks built for the previous one.
+    """
+
+    def __init__(self, adapter: ModelAdapter, num_tokens: int, key_padding: torch.Tensor | None):
+        self._windows = [adapter.attention_window(i) for i in range(len(adapter.decoder_layers))]
+        self._num_tokens, self._key_padding = num_tokens, key_padding
+        self._query_idx: torch.Tensor | None = None
+        self._built: dict[int | None, torch.Tensor | None] = {}
+
+    def reset(self, query_idx: torch.Tensor) -> None:
+        self._query_idx, self._built = query_idx, {}
+
+    def for_layer(self, layer_idx: int) -> torch.Tensor | None:
+        window = self._windows[layer_idx]
+        if window not in self._built:
+            self._built[window] = attention_mask_for(self._query_idx, self._num_tokens, self._key_padding, window)
+        return self._built[window]
 
 
 def normalise_set(candidate: torch.Tensor, within: torch.Tensor | None, fresh: torch.Tensor) -> torch.Tensor:
@@ -105,7 +135,8 @@ def run_layers(
     fresh = ctx.fresh_indices
     current = normalise_set(policy.initial_set(ctx), None, fresh)
     hidden = embeddings[:, current]
-    mask = attention_mask_for(current, ctx.num_tokens, key_padding)
+    masks = LayerMasks(adapter, ctx.num_tokens, key_padding)
+    masks.reset(current)
     counts: list[int] = []
     with selective_attention_enabled(adapter.attention_config()):
         for layer_idx in range(ctx.num_layers):
@@ -113,6 +144,7 @@ def run_layers(
                 return counts + [0] * (ctx.num_layers - layer_idx)
             layer_cache = cache.layers[layer_idx]
             layer_cache.begin_write(current, capture_previous=policy.needs_observation)
+            mask = masks.for_layer(layer_idx)
             hidden = adapter.run_decoder_layer(layer_idx, hidden, mask, (cos[:, current], sin[:, current]), cache)
             if layer_idx in injections:
                 hidden = hidden + injections[layer_idx][:, current].to(hidden.dtype)
@@ -125,5 +157,5 @@ def run_layers(
                 proposed = normalise_set(proposed, current, fresh)
                 hidden = hidden[:, torch.searchsorted(current, proposed)]
                 current = proposed
-                mask = attention_mask_for(current, ctx.num_tokens, key_padding)
+                masks.reset(current)
     return counts

@@ -1,13 +1,22 @@
 """Reading and writing K/V entries: exact prefix chunks and per-image spans.
 
-Every read validates the entry against this model (fingerprint, format, layout, dtype, length); an entry
-that does not fit is dropped from the store and treated as a miss, so a request never uses foreign K/V.
+Every read validates the entry against this model (fingerprint, format, layout, dtype, length) and against the
+key it was read under; an entry that does not fit is dropped from the store and treated as a miss, so a request
+never uses foreign K/V.
+
+An image span's K/V is exact only in the context it was computed in (the same tokens, images, positions and
+padding before and at it: `keys.context_hashes`); anywhere else it is a *moved*, approximate reuse. So each image
+has one *content* entry — the first K/V stored for it, found by content alone, which serves moved reuse (and
+exact reuse when its recorded context matches) — plus one *context* entry per further context it was computed
+exactly in (found by content and context). K/V is stored once either way: a span goes to its content key when
+that is free, to its context key otherwise.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -22,20 +31,20 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _load(store, key: str, parse: Callable[[StoredEntry], T]) -> T | None:
+def _load(store, key: str, parse: Callable[[StoredEntry, str], T]) -> T | None:
     stored = store.get(key)
     if stored is None:
         return None
     try:
-        return parse(stored)
+        return parse(stored, key)
     except EntryMismatchError as err:
         logger.warning("dropping store entry %s…: %s", key[:20], err)
         store.discard(key)
         return None
 
 
-def _parse_kv(fingerprint: str, layout: KVLayout, num_tokens: int) -> Callable[[StoredEntry], KVEntry]:
-    return lambda stored: KVEntry.from_stored(stored, fingerprint, layout.as_tuple, layout.dtype, num_tokens)
+def _parse_kv(fingerprint: str, layout: KVLayout, num_tokens: int) -> Callable[[StoredEntry, str], KVEntry]:
+    return lambda stored, key: KVEntry.from_stored(stored, fingerprint, layout.as_tuple, layout.dtype, num_tokens, key=key)
 
 
 def prefix_key(fingerprint: str, chunk_hash: str) -> str:
@@ -43,7 +52,21 @@ def prefix_key(fingerprint: str, chunk_hash: str) -> str:
 
 
 def image_kv_key(fingerprint: str, image_key: str) -> str:
+    """Store key of an image span's content entry (found by content alone)."""
     return entry_key(KV_KIND, fingerprint, image_key)
+
+
+def image_context_key(fingerprint: str, image_key: str, context: str) -> str:
+    """Store key of an image span's K/V computed exactly in the context `context` (a `keys.context_hashes`)."""
+    return entry_key(KV_KIND, fingerprint, f"{image_key}@{context}")
+
+
+@dataclass(frozen=True)
+class SpanHit:
+    """Stored K/V found for an image span; `exact` when it was computed in this very context."""
+
+    entry: KVEntry
+    exact: bool
 
 
 def load_prefix(
@@ -59,8 +82,21 @@ def load_prefix(
     return entries
 
 
-def load_image_kv(store, fingerprint: str, layout: KVLayout, span: ImageSpan) -> KVEntry | None:
-    return _load(store, image_kv_key(fingerprint, span.key), _parse_kv(fingerprint, layout, span.length))
+def load_image_kv(store, fingerprint: str, layout: KVLayout, span: ImageSpan, context: str) -> SpanHit | None:
+    """The span's K/V computed in `context` if stored (exact), else any stored K/V of its content (moved)."""
+    parse = _parse_kv(fingerprint, layout, span.length)
+    content = _load(store, image_kv_key(fingerprint, span.key), parse)
+    if content is not None and content.context == context:
+        return SpanHit(content, exact=True)
+    key = image_context_key(fingerprint, span.key, context)
+    exact = _load(store, key, parse)
+    if exact is not None and exact.context != context:  # the key names the context: a mismatch is corruption
+        logger.warning("dropping store entry %s…: its context differs from its key's", key[:20])
+        store.discard(key)
+        exact = None
+    if exact is not None:
+        return SpanHit(exact, exact=True)
+    return SpanHit(content, exact=False) if content is not None else None
 
 
 def gather_kv(layer_buffers: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int) -> torch.Tensor:
@@ -84,8 +120,9 @@ def publish_prefix(
         start, end = index * chunk_size, (index + 1) * chunk_size
         if end > exact_until:
             break
-        entry = KVEntry(gather_kv(layer_buffers, start, end), positions[:, 0, start:end].clone())
-        store.put(prefix_key(fingerprint, chunk_hashes[index]), entry.to_stored(fingerprint))
+        key = prefix_key(fingerprint, chunk_hashes[index])
+        entry = KVEntry(gather_kv(layer_buffers, start, end), positions[:, 0, start:end].clone(), chunk_hashes[index])
+        store.put(key, entry.to_stored(fingerprint, key))
         written += 1
     return written
 
@@ -96,7 +133,24 @@ def publish_image(
     layer_buffers: list[tuple[torch.Tensor, torch.Tensor]],
     positions: torch.Tensor,
     span: ImageSpan,
-) -> None:
-    """Store the K/V of an image span computed in this request, with the positions its keys carry."""
-    entry = KVEntry(gather_kv(layer_buffers, span.start, span.end), positions[:, 0, span.start : span.end].clone())
-    store.put(image_kv_key(fingerprint, span.key), entry.to_stored(fingerprint))
+    context: str,
+    exact: bool,
+) -> str | None:
+    """Store the K/V of an image span computed in this request, with the positions its keys carry.
+
+    `exact`: computed with nothing approximate before it, so it is exact in `context`. Exact K/V goes to the
+    content key when that is free (it then also serves moved reuse), else to its context key unless that is
+    stored already; approximate K/V only fills a free content key (as a moved candidate, never claiming a
+    context). Returns the key written, if any.
+    """
+    content_key = image_kv_key(fingerprint, span.key)
+    if store.contains(content_key):
+        key = image_context_key(fingerprint, span.key, context)
+        if not exact or store.contains(key):  # nothing to add (policy "full" recomputes what is stored)
+            return None
+    else:
+        key = content_key
+    kv = gather_kv(layer_buffers, span.start, span.end)
+    entry = KVEntry(kv, positions[:, 0, span.start : span.end].clone(), context if exact else "")
+    store.put(key, entry.to_stored(fingerprint, key))
+    return key

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -16,25 +16,25 @@ def _tier(path: str) -> DiskTier:
     return DiskTier(path, 2**62)
 
 
-def _files(tier: DiskTier):
-    return sorted(tier.files(), key=lambda p: p.stat().st_mtime)
+def _files(tier: DiskTier) -> list[tuple[float, int, Path]]:
+    """(mtime, size, file), least recently used first; files evicted by another process meanwhile are left out."""
+    return sorted(tier.scan(), key=lambda item: item[0])
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     tier = _tier(args.path)
     now = time.time()
-    for file in _files(tier):
-        stat = file.stat()
+    for mtime, size, file in _files(tier):
         key = file.name[: -len(SUFFIX)]
-        print(f"{key.split('-')[0]:4s} {key}  {stat.st_size / 2**20:9.2f} MiB  used {now - stat.st_mtime:8.0f} s ago")
+        print(f"{key.split('-')[0]:4s} {key}  {size / 2**20:9.2f} MiB  used {now - mtime:8.0f} s ago")
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     tier = _tier(args.path)
     kinds: dict[str, list[int]] = {}
-    for file in _files(tier):
-        kinds.setdefault(file.name.split("-")[0], []).append(file.stat().st_size)
+    for _, size, file in _files(tier):
+        kinds.setdefault(file.name.split("-")[0], []).append(size)
     total = sum(sum(v) for v in kinds.values())
     for kind, sizes in sorted(kinds.items()):
         print(f"{kind:4s} {len(sizes):7d} entries {sum(sizes) / 2**20:10.2f} MiB")
@@ -52,18 +52,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    """Trim to the budget under the tier's lock (safe while servers use the directory), and remove the temp
+    files of writers killed mid-write."""
     tier = _tier(args.path)
     budget = parse_bytes(args.budget)
-    files = _files(tier)
-    used = sum(f.stat().st_size for f in files)
+    stale = tier.remove_stale_temp_files(older_than=args.temp_age)
     removed = 0
-    for file in tqdm(files, desc="trimming", unit="entry", disable=None):
-        if used <= budget:
-            break
-        size = file.stat().st_size
-        os.unlink(file)
-        used, removed = used - size, removed + 1
-    print(f"removed {removed} least recently used entries; {used / 2**20:.2f} MiB left (budget {budget / 2**20:.2f} MiB)")
+    with tier.lock:
+        files = _files(tier)
+        used = sum(size for _, size, _ in files)
+        for _, size, file in tqdm(files, desc="trimming", unit="entry", disable=None):
+            if used <= budget:
+                break
+            try:
+                file.unlink()
+                removed += 1
+            except FileNotFoundError:  # another process evicted it first
+                pass
+            used -= size
+    print(
+        f"removed {removed} least recently used entries and {stale} stale temp files; {used / 2**20:.2f} MiB left "
+        f"(budget {budget / 2**20:.2f} MiB)"
+    )
     return 0
 
 
@@ -80,4 +90,6 @@ def add_store_commands(subparsers) -> None:
         command.add_argument("--path", required=True, help="the DiskTier directory")
         if name == "gc":
             command.add_argument("--budget", required=True, help="e.g. 10GiB")
+            command.add_argument("--temp-age", type=float, default=3600.0,
+                                 help="remove temp files of killed writers older than this many seconds")
         command.set_defaults(handler=handler)

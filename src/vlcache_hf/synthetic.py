@@ -11,6 +11,10 @@ The generator is deterministic: item `i` of a split depends only on (split seed,
 item from its scene description alone (an independent check of the generator's answers), and `render`
 draws the pictures. The library carries this module so the demo, the tests, the lmms-eval task and the
 training script all share one definition; the scripts live in `eval/synthetic/`.
+
+Variants (`TaskSpec`): "default" (112-px pictures, 2–3 images; what the embedded 4-layer model was trained
+on — its output never changes) and "deep" (224-px pictures → 64 tokens each, 2–4 images, plus the two-hop
+question), selected by `make_split(..., variant=...)`, `render_item` and `build_tokenizer`.
 """
 
 from __future__ import annotations
@@ -69,6 +73,41 @@ VOCABULARY = sorted(
     | {"what", "color", "is", "the", "shape", "in", "image", "how", "many", "shapes", "are", "which", "shows", "a"}
     | {"do", "and", "have", "same", "images"}
 )
+
+#: the deep variant's extra question: a two-hop binding across images ("the image right after the one
+#: showing a red circle"): find the image by its content, then step to its neighbour in display order
+TWO_HOP = "two_hop"
+DEEP_QUESTION_KINDS = (*QUESTION_KINDS, TWO_HOP)
+DEEP_VOCABULARY = sorted(set(VOCABULARY) | {"right", "after", "one", "showing"})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A variant of the task: picture size (224 px → 64 merged tokens per image), question kinds, images per
+    evaluation item, and the task words the tokenizer gives one token each. The default variant is what the
+    embedded 4-layer model, its tests and eval/synthetic/data/*.parquet use; "deep" is the paper's regime
+    (more tokens per image, up to four images, the two-hop question) for the deeper embedded model."""
+
+    name: str
+    image_size: int
+    kinds: tuple[str, ...]
+    min_images: int
+    max_images: int
+    vocabulary: tuple[str, ...]
+
+
+DEFAULT_TASK = TaskSpec("default", IMAGE_SIZE, QUESTION_KINDS, 2, MAX_IMAGES, tuple(VOCABULARY))
+DEEP_TASK = TaskSpec("deep", 224, DEEP_QUESTION_KINDS, 2, 4, tuple(DEEP_VOCABULARY))
+TASKS = {task.name: task for task in (DEFAULT_TASK, DEEP_TASK)}
+
+
+def task_spec(variant: str | TaskSpec) -> TaskSpec:
+    """The TaskSpec named `variant` ("default" or "deep"); a TaskSpec is returned as is."""
+    if isinstance(variant, TaskSpec):
+        return variant
+    if variant not in TASKS:
+        raise ValueError(f"unknown task variant {variant!r}; expected one of {sorted(TASKS)}")
+    return TASKS[variant]
 
 
 @dataclass(frozen=True)
@@ -171,24 +210,32 @@ def solve(item: Item) -> str:
         return NUMBERS[scenes[item.refs[0]].count - 1]
     if item.kind == "same_color":
         return "yes" if scenes[item.refs[0]].color == scenes[item.refs[1]].color else "no"
-    if item.kind == "which":
+    if item.kind in ("which", TWO_HOP):
         words = item.question.rstrip("?").split()
         color, shape = words[-2], words[-1]
         matches = [i for i, s in enumerate(scenes) if s.color == color and s.shape == shape]
         if len(matches) != 1:
-            raise ValueError(f"'which' question without a unique answer: {item.question}")
-        return _name(matches[0], len(scenes), item.backward)
+            raise ValueError(f"{item.kind!r} question without a unique answer: {item.question}")
+        if item.kind == "which":
+            return _name(matches[0], len(scenes), item.backward)
+        # "right after" is in display order, whichever way the preamble numbers the images
+        if matches[0] + 1 >= len(scenes):
+            raise ValueError(f"two-hop question about the last image: {item.question}")
+        return scenes[matches[0] + 1].color
     raise ValueError(f"unknown question kind {item.kind!r}")
 
 
-def make_item(seed: int, index: int, max_images: int = MAX_IMAGES, min_images: int = 2) -> Item:
-    """Item `index` of the split with `seed`: deterministic, balanced over question kinds.
+def make_item(
+    seed: int, index: int, max_images: int = MAX_IMAGES, min_images: int = 2, kinds: tuple[str, ...] = QUESTION_KINDS
+) -> Item:
+    """Item `index` of the split with `seed`: deterministic, balanced over question `kinds`.
 
-    Evaluation splits have 2–3 images; training may start with fewer (`min_images=1`, a curriculum).
+    Evaluation splits have 2–3 images (the deep variant: 2–4); training may start with fewer (`min_images=1`,
+    a curriculum). Questions about two images (same colour, two-hop) always get at least two.
     """
     rng = random.Random(seed * 1_000_003 + index)
-    kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
-    low = max(min_images, 2) if kind == "same_color" else min_images
+    kind = kinds[index % len(kinds)]
+    low = max(min_images, 2) if kind in ("same_color", TWO_HOP) else min_images
     num_images = rng.randint(low, max(max_images, low))
     scenes = tuple(_scene(rng) for _ in range(num_images))
     backward = rng.random() < 0.3
@@ -206,6 +253,17 @@ def make_item(seed: int, index: int, max_images: int = MAX_IMAGES, min_images: i
         scenes = tuple(others)
         question = f"Which image shows a {wanted.color} {wanted.shape}?"
         refs: tuple[int, ...] = (target,)
+    elif kind == TWO_HOP:
+        anchor = rng.randrange(num_images - 1)
+        wanted = scenes[anchor]
+        others = []
+        for i, scene in enumerate(scenes):  # the anchor is the only image with its colour-and-shape pair
+            while i != anchor and scene.color == wanted.color and scene.shape == wanted.shape:
+                scene = _scene(rng)
+            others.append(scene)
+        scenes = tuple(others)
+        question = f"What color is the shape in the image right after the one showing a {wanted.color} {wanted.shape}?"
+        refs = (anchor, anchor + 1)
     elif kind == "same_color":
         first, second = sorted(rng.sample(range(num_images), 2))
         if rng.random() < 0.5:  # balance yes / no
@@ -229,11 +287,19 @@ def make_item(seed: int, index: int, max_images: int = MAX_IMAGES, min_images: i
     return Item(**{**item.__dict__, "answer": solve(item)})
 
 
-def make_split(split: str, size: int, max_images: int = MAX_IMAGES) -> list[Item]:
-    """The first `size` items of a split ('train', 'validation' or 'test')."""
+def make_split(split: str, size: int, max_images: int | None = None, variant: str | TaskSpec = "default") -> list[Item]:
+    """The first `size` items of a split ('train', 'validation' or 'test') of the task `variant`."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
-    return [make_item(SPLIT_SEEDS[split], i, max_images) for i in range(size)]
+    task = task_spec(variant)
+    most = task.max_images if max_images is None else max_images
+    return [make_item(SPLIT_SEEDS[split], i, most, task.min_images, task.kinds) for i in range(size)]
+
+
+def render_item(item: Item, variant: str | TaskSpec = "default") -> list[Image.Image]:
+    """The item's pictures at the variant's image size, in display order."""
+    size = task_spec(variant).image_size
+    return [render(scene, size) for scene in item.scenes]
 
 
 def image_label(item: Item, display_index: int) -> str:
@@ -256,13 +322,14 @@ def messages(item: Item, images: list[Image.Image] | None = None, answer: str | 
     return chat
 
 
-def build_tokenizer():
+def build_tokenizer(variant: str | TaskSpec = "default"):
     """The byte-level toy tokenizer plus one token per task word (shorter prompts, one-token answers)."""
     from transformers import AddedToken
 
     from . import toy
 
+    vocabulary = task_spec(variant).vocabulary
     tokenizer = toy.build_tokenizer()
-    words = [w for w in VOCABULARY] + [w.capitalize() for w in VOCABULARY]
+    words = [w for w in vocabulary] + [w.capitalize() for w in vocabulary]
     tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in sorted(set(words))])
     return tokenizer

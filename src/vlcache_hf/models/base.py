@@ -107,6 +107,25 @@ class ModelAdapter(ABC):
         scale = float(getattr(rotary, "attention_scaling", 1.0))
         return cos / scale, sin / scale
 
+    def rope_frequencies_are_base(self, positions: torch.Tensor) -> bool:
+        """Whether the prompt at `positions` ([num_axes, 1, L]) gets the model's base rotary frequencies.
+
+        Dynamic NTK and LongRoPE (the types transformers' `dynamic_rope_update` recomputes) change their
+        frequencies once a sequence passes the original length: keys computed then hold for that length only,
+        and no re-rotation turns keys stored at base frequencies into them (nor back). So K/V is stored and
+        reused only for prompts at base frequencies. The answer comes from the model's own rotary module, called
+        on the prompt's positions as the model's prefill calls it (which leaves it in the state that prefill would).
+        """
+        rotary = self.text_model.rotary_emb
+        rope_type = getattr(rotary, "rope_type", "default")
+        types = list(rope_type.values()) if isinstance(rope_type, dict) else [rope_type]
+        if not any("dynamic" in t or t == "longrope" for t in types):
+            return True
+        if isinstance(rope_type, dict):  # per-layer-type frequencies: no single base to compare with
+            return False
+        rotary(torch.zeros(1, dtype=self.model.dtype, device=positions.device), self.rotary_position_ids(positions))
+        return torch.equal(rotary.inv_freq, rotary.original_inv_freq.to(rotary.inv_freq.device))
+
     @property
     def kv_layout(self) -> KVLayout:
         cfg = self.model.config.get_text_config()
@@ -125,6 +144,23 @@ class ModelAdapter(ABC):
         """The config object the decoder's attention modules read `_attn_implementation` from."""
         return self.decoder_layers[0].self_attn.config
 
+    def attention_window(self, layer_idx: int) -> int | None:
+        """The sliding window of decoder layer `layer_idx` as the model's own masks apply it, None for full attention.
+
+        The selective prefill builds its own masks, so it must window exactly the layers the model does: with
+        `layer_types` (Qwen2 and Qwen2-VL from `use_sliding_window` / `max_window_layers`, most current configs)
+        the layers marked "sliding_attention"; without it (Mistral-style text models) every layer when the text
+        config sets `sliding_window`. Key j is then visible to query i iff i - window < j <= i.
+        """
+        config = self.text_model.config
+        window = getattr(config, "sliding_window", None)
+        if window is None:
+            return None
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            return int(window) if layer_types[layer_idx] == "sliding_attention" else None
+        return int(window)
+
     # -- positions -----------------------------------------------------------------------------------------
     #: number of position axes: 3 for multimodal RoPE (time, height, width), 1 for plain RoPE
     position_axes: int = 1
@@ -134,8 +170,8 @@ class ModelAdapter(ABC):
         """Positions of every prompt token as the model would use them: [num_axes, 1, L]."""
 
     @abstractmethod
-    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
-        """`position_ids` to hand the model's own forward for the final prompt token."""
+    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor, count: int = 1) -> torch.Tensor:
+        """`position_ids` to hand the model's own forward for the final `count` prompt tokens."""
 
     def after_prefill(self, positions: torch.Tensor, num_tokens: int) -> None:  # noqa: B027 (optional hook)
         """Set any model state that decoding steps read (e.g. Qwen's `rope_deltas`)."""
@@ -166,15 +202,16 @@ class ModelAdapter(ABC):
 
     def image_variant(self, prompt_images: int) -> str:
         """What besides an image's content and the processor settings decides how it is encoded, given how many
-        images its prompt has; part of `VLCacheProcessor`'s raw-image key. Nothing for most families."""
+        images its prompt has; part of `VLCacheProcessor`'s image key. Nothing for most families."""
         return ""
 
     def preprocess_images(
-        self, image_processor: Any, images: list[Any], prompt_images: int
+        self, image_processor: Any, images: list[Any], prompt_images: int, **images_kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`pixel_values` and per-item layout of `images`, some of a prompt's `prompt_images` images, preprocessed
-        as the model's processor would in that prompt (`VLCacheProcessor` preprocesses only the misses)."""
-        processed = image_processor(images=images, return_tensors="pt")
+        as the model's processor would in that prompt (`VLCacheProcessor` preprocesses only the misses), with the
+        call's image kwargs."""
+        processed = image_processor(images=images, return_tensors="pt", **images_kwargs)
         return processed["pixel_values"], self.item_layout(self.modalities()[0], processed)
 
     @abstractmethod

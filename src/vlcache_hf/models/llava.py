@@ -32,10 +32,10 @@ class LlavaAdapter(ModelAdapter):
             return (mask.long().cumsum(-1) - 1).clamp(min=0).view(1, 1, -1)
         return torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
 
-    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor, count: int = 1) -> torch.Tensor:
         given = model_kwargs.get("position_ids")
         source = given if given is not None else positions[0]
-        return source[..., -1:].contiguous()
+        return source[..., -count:].contiguous()
 
     layout_arg = "image_sizes"  # LLaVA-1.5 passes none; a model that does has variable-size images
 

@@ -69,14 +69,14 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return "tiled" if prompt_images == 1 else "base-view"
 
     def preprocess_images(
-        self, image_processor: Any, images: list[Any], prompt_images: int
+        self, image_processor: Any, images: list[Any], prompt_images: int, **images_kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tiled when the prompt has one image; otherwise base views, which the image processor gives for a
         nested group of two or more (a lone one is processed beside a copy of itself, the copy dropped)."""
         if prompt_images == 1:  # a flat list of one reads as one prompt of one: the default path tiles it
-            return super().preprocess_images(image_processor, images, prompt_images)
+            return super().preprocess_images(image_processor, images, prompt_images, **images_kwargs)
         group = list(images) + list(images[:1]) if len(images) == 1 else list(images)
-        processed = image_processor(images=[group], return_tensors="pt")
+        processed = image_processor(images=[group], return_tensors="pt", **images_kwargs)
         sizes = processed["image_sizes"][: len(images)].long().view(-1, 2)
         untiled = torch.zeros(len(images), 1, dtype=torch.long)
         return processed["pixel_values"][: len(images)], torch.cat([sizes, untiled], dim=1)

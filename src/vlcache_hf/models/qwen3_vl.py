@@ -5,7 +5,8 @@ Quirks handled here:
   hidden states after its first few decoder layers; they are cached with the encoder output and re-added
   for every image token the selective prefill recomputes (`layer_injections`);
 - M-RoPE sections are interleaved rather than contiguous; re-rotation goes through the model's own rotary
-  module, so nothing else changes.
+  module, so nothing else changes;
+- its text model builds a plain causal mask on every layer (no sliding window, whatever the config says).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     family = "Qwen3-VL"
     MODEL_TYPES = ("qwen3_vl",)
+
+    def attention_window(self, layer_idx: int) -> int | None:
+        return None  # transformers' Qwen3-VL text model never windows its attention mask (checked in 5.24)
 
     def layer_injections(self, spans, features, embeddings: torch.Tensor) -> dict[int, torch.Tensor]:
         if not features.deepstack or not spans:

@@ -47,10 +47,10 @@ class QwenVLAdapter(ModelAdapter):
         )
         return positions
 
-    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor) -> torch.Tensor:
+    def last_token_position_ids(self, model_kwargs: dict, positions: torch.Tensor, count: int = 1) -> torch.Tensor:
         given = model_kwargs.get("position_ids")
         source = given if given is not None else positions
-        return source[..., -1:].contiguous()
+        return source[..., -count:].contiguous()
 
     def after_prefill(self, positions: torch.Tensor, num_tokens: int) -> None:
         delta = positions.max() + 1 - num_tokens

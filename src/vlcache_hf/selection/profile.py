@@ -27,6 +27,10 @@ ALLOCATION_RULE = "k_l = min(moved, c * w_l), c such that mean_l k_l = recompute
 DEFAULT_ALLOCATION = "default: uniform w_l = 1 (no calibration profile given)"
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def default_weights(num_layers: int) -> list[float]:
     """The same budget at every layer. Measured on every toy family, random-weight and trained, a layer's
     own sensitivity grows with depth (eval/results/fidelity_probe_*.md), and nested sets make a token
@@ -83,6 +87,22 @@ class LayerProfile:
     per_sample_depth_kl: list[list[float]] = field(default_factory=list)
     format: int = PROFILE_FORMAT
 
+    def __post_init__(self) -> None:
+        """Refuse a profile whose numbers cannot be budgets (JSON admits NaN and Infinity; a budget of NaN
+        would only fail later, deep inside a request)."""
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise VLCacheError(f"malformed LayerProfile: num_layers must be a positive int, got {self.num_layers!r}")
+        if not isinstance(self.remaining_error, list) or len(self.remaining_error) != self.num_layers:
+            raise VLCacheError("malformed LayerProfile: remaining_error must have one value per layer")
+        rows = [("remaining_error", self.remaining_error), ("sensitivity", self.sensitivity), ("naive_kl", [self.naive_kl])]
+        rows += [("per_sample_depth_kl", row) for row in self.per_sample_depth_kl]
+        for name, values in rows:
+            if not isinstance(values, list) or not all(_finite(v) for v in values):
+                raise VLCacheError(
+                    f"malformed LayerProfile: {name} must hold finite numbers, got {str(values)[:80]}; "
+                    "re-create the profile with `vlcache calibrate`"
+                )
+
     def budgets(self, num_moved: int, ratio: float) -> list[int]:
         return allocate_budgets(self.remaining_error, num_moved, ratio)
 
@@ -114,17 +134,19 @@ class LayerProfile:
             profile = cls(**data)
         except TypeError as err:
             raise VLCacheError(f"malformed LayerProfile: {err}") from err
-        if len(profile.remaining_error) != profile.num_layers:
-            raise VLCacheError("malformed LayerProfile: remaining_error must have one value per layer")
         return profile
 
     @classmethod
     def load(cls, path: str | Path) -> LayerProfile:
         path = Path(path)
+        if path.is_dir():
+            raise VLCacheError(f"{path} is a directory; pass the profile's JSON file (e.g. {path / 'profile.json'})")
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise VLCacheError(f"no LayerProfile at {path}; create one with `vlcache calibrate --out {path}`") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise VLCacheError(f"{path} is not valid JSON: {err}") from err
+        except OSError as err:
+            raise VLCacheError(f"cannot read the LayerProfile at {path}: {err}") from err
         return cls.from_dict(data)

@@ -1,12 +1,20 @@
-"""`DiskTier`: one safetensors file per entry in a directory that several processes may share.
+"""`DiskTier`: one safetensors file per entry in a directory that several processes (and users) may share.
 
 Why each piece is there:
 - safetensors, never pickle: loading a file cannot run code, and the header carries our metadata;
 - a blake3 checksum of the tensor bytes in the header: a flipped byte or truncated file is detected on read
-  and the file is removed (a miss), never handed back as K/V;
+  and is a miss, never handed back as K/V;
+- the file is read into memory with one `read` (no mmap): a file truncated under us is a short read we
+  detect, not a SIGBUS;
 - write to a temp file in the same directory, fsync, `os.replace`: readers see a whole entry or none, even
   if the writer is killed mid-write;
+- a corrupt file is unlinked only under the lock and only if it is still the very file version that was
+  read (same inode, mtime and size): another process may have just replaced it with a valid entry;
+- a file that vanishes between listing and reading (evicted by another process) is a plain miss;
 - a `filelock` around budget accounting: processes sharing the directory never evict past each other;
+- `mode`: files, the lock file and the directory are created with these permission bits (0o600, private,
+  by default; 0o660 or 0o664 to share the directory within a Unix group, whose setgid bit keeps new files
+  in the directory's group);
 - LRU by file modification time, touched on every hit.
 """
 
@@ -16,12 +24,15 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
-from safetensors import safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from ..errors import VLCacheError
@@ -33,7 +44,9 @@ logger = logging.getLogger(__name__)
 
 KEY_PATTERN = re.compile(r"^[a-z]+-[0-9a-f]{64}$")
 SUFFIX = ".safetensors"
+TEMP_PREFIX = ".tmp-"
 _CHECKSUM = "__checksum__"
+PRIVATE_MODE = 0o600
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -49,57 +62,145 @@ def header_metadata(data: bytes) -> dict[str, str]:
     return dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
 
 
+def decode(data: bytes, expected: str | None = None) -> tuple[StoredEntry | None, str]:
+    """The entry in a checksummed safetensors blob, or (None, why) if the bytes are not one.
+
+    The checksum is the header's own, or `expected` when it is kept elsewhere (Redis keeps it in a manifest).
+    """
+    try:
+        tensors, metadata = load_bytes(data), header_metadata(data)
+    except Exception as err:  # truncated, garbage, not safetensors: whatever the parser says
+        return None, f"unreadable ({err})"
+    own = metadata.pop(_CHECKSUM, None)
+    expected = expected if expected is not None else own
+    if expected is None or checksum(tensors) != expected:
+        return None, "checksum mismatch"
+    return StoredEntry(tensors, metadata), ""
+
+
+def check_mode(mode: int | None) -> int:
+    """The file mode to use: owner read/write always, no execute bits; `None` is private (0o600)."""
+    if mode is None:
+        return PRIVATE_MODE
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode & ~0o666 or mode & 0o600 != 0o600:
+        raise VLCacheError(
+            f"invalid disk_mode {mode!r}: give file permission bits with owner read/write and no execute bits, "
+            "e.g. 0o600 (private, the default), 0o660 (share within a group) or 0o664"
+        )
+    return mode
+
+
+def directory_mode(file_mode: int) -> int:
+    """Directory bits for files of `file_mode`: search (x) wherever read is allowed, setgid when shared."""
+    bits = file_mode | 0o700
+    for read, search in ((0o040, 0o010), (0o004, 0o001)):
+        if file_mode & read:
+            bits |= search
+    return bits | (stat.S_ISGID if file_mode & 0o060 else 0)
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """One read of an entry file: what it decoded to and which file version (inode, mtime, size) it was."""
+
+    file: Path
+    identity: tuple[int, int, int, int]
+    entry: StoredEntry | None
+    reason: str = ""
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class DiskTier:
     """Entries as files under `path`, LRU within `byte_budget` bytes of files."""
 
     persistent = True  # written through by CacheStore, so entries survive restarts
 
-    def __init__(self, path: str | os.PathLike, byte_budget: int, name: str | None = None):
+    def __init__(self, path: str | os.PathLike, byte_budget: int, name: str | None = None, mode: int | None = None):
         if byte_budget <= 0:
             raise ValueError(f"byte_budget must be positive, got {byte_budget}")
         self.path = Path(path).expanduser()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-", delete=True)
-            probe.close()
-        except OSError as err:
-            raise VLCacheError(f"cannot use {self.path} as a disk cache directory: {err}") from err
+        self.mode = check_mode(mode)
         self.byte_budget = int(byte_budget)
         self.name = name or f"disk:{self.path}"
-        self._lock = FileLock(str(self.path / ".lock"))
+        self._open_directory()
+        self.lock = FileLock(str(self.path / ".lock"), mode=self.mode)  # held while files are replaced or evicted
         self._stats = TierStats(self.name, byte_budget=self.byte_budget)
+
+    def _open_directory(self) -> None:
+        """Create the directory (and lock file) with the tier's mode, and prove this user can write there."""
+        try:
+            created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            if created or (self.mode != PRIVATE_MODE and self.path.stat().st_uid == os.geteuid()):
+                os.chmod(self.path, directory_mode(self.mode))
+            lock = self.path / ".lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, self.mode)
+            try:
+                # widen only: a private tier (or `vlcache store`) opening a shared directory must not narrow it
+                if self.mode != PRIVATE_MODE and os.fstat(fd).st_uid == os.geteuid():
+                    os.fchmod(fd, self.mode)
+            finally:
+                os.close(fd)
+            probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-", delete=True)
+            probe.close()
+        except PermissionError as err:
+            raise VLCacheError(
+                f"cannot use {self.path} as a disk cache directory: it is not writable by this user "
+                f"(uid {os.geteuid()}): {err}. To share one directory between users, let one member of a common "
+                "group create it with CacheStore(disk=..., disk_mode=0o660) (DiskTier(mode=0o660)): the directory, "
+                "lock file and entries are then group-writable; or give each user a directory of their own."
+            ) from err
+        except OSError as err:
+            raise VLCacheError(f"cannot use {self.path} as a disk cache directory: {err}") from err
 
     def _file(self, key: str) -> Path:
         if not KEY_PATTERN.match(key):
             raise ValueError(f"invalid store key {key!r}")
         return self.path / f"{key}{SUFFIX}"
 
-    def _drop(self, file: Path, reason: str) -> None:
-        logger.warning("removing unreadable cache file %s: %s", file.name, reason)
-        file.unlink(missing_ok=True)
-
-    def get(self, key: str) -> StoredEntry | None:
+    def read_version(self, key: str) -> FileVersion | None:
+        """Read `key`'s file once; None if there is no such file (never was, or evicted meanwhile)."""
         file = self._file(key)
         try:
-            # one open: metadata and tensors come from the same file version even if a writer replaces it
-            with safe_open(str(file), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            with open(file, "rb") as handle:
+                identity = _identity(os.fstat(handle.fileno()))
+                data = handle.read()
         except FileNotFoundError:
+            return None
+        entry, reason = decode(data)
+        return FileVersion(file, identity, entry, reason)
+
+    def drop_if_unchanged(self, version: FileVersion) -> bool:
+        """Unlink a file found corrupt, but only if it is still the version that was read: True if removed."""
+        with self.lock:  # writers replace files under this lock, so the file cannot change between check and unlink
+            try:
+                if _identity(version.file.stat()) != version.identity:
+                    return False
+                version.file.unlink()
+            except FileNotFoundError:
+                return False
+        logger.warning("removed corrupt cache file %s: %s", version.file.name, version.reason)
+        return True
+
+    def get(self, key: str) -> StoredEntry | None:
+        version = self.read_version(key)
+        if version is None or version.entry is None:
+            if version is not None:
+                try:
+                    self.drop_if_unchanged(version)
+                except OSError as err:  # e.g. a read-only directory: the corrupt file stays, the read is a miss
+                    logger.debug("could not remove corrupt %s: %s", version.file.name, err)
             self._stats.misses += 1
             return None
-        except Exception as err:  # truncated or not a safetensors file
-            self._drop(file, str(err))
-            self._stats.misses += 1
-            return None
-        expected = metadata.pop(_CHECKSUM, None)
-        if expected is None or checksum(tensors) != expected:
-            self._drop(file, "checksum mismatch")
-            self._stats.misses += 1
-            return None
-        os.utime(file)  # LRU: touched on every hit
+        try:
+            os.utime(version.file)  # LRU: touched on every hit
+        except OSError:  # evicted meanwhile, or another user's file: the hit stands
+            pass
         self._stats.hits += 1
-        return StoredEntry(tensors, metadata)
+        return version.entry
 
     def put(self, key: str, entry: StoredEntry) -> list[tuple[str, StoredEntry]]:
         file = self._file(key)
@@ -109,57 +210,91 @@ class DiskTier:
         self._stats.puts += 1
         if len(data) > self.byte_budget:
             return [(key, entry)]
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-", suffix=SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=TEMP_PREFIX, suffix=SUFFIX)
         try:
+            if self.mode != PRIVATE_MODE:
+                os.fchmod(fd, self.mode)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            with self._lock:
+            with self.lock:
                 os.replace(tmp, file)
                 self._evict_to_budget(keep=file)
         finally:
-            if os.path.exists(tmp):
+            try:
                 os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         return []
 
-    def files(self) -> list[Path]:
-        return [p for p in self.path.glob(f"*{SUFFIX}") if KEY_PATTERN.match(p.name[: -len(SUFFIX)])]
-
-    def _evict_to_budget(self, keep: Path) -> None:
-        entries = []
-        for file in self.files():
+    def scan(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, file) of every entry file; files that vanish while listed are left out."""
+        found = []
+        try:
+            listing = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return []
+        for item in listing:
+            name = item.name
+            if not (name.endswith(SUFFIX) and KEY_PATTERN.match(name[: -len(SUFFIX)])):
+                continue
             try:
-                stat = file.stat()
+                st = item.stat()
             except FileNotFoundError:
                 continue
-            entries.append((stat.st_mtime, stat.st_size, file))
+            found.append((st.st_mtime, st.st_size, Path(item.path)))
+        return found
+
+    def files(self) -> list[Path]:
+        return [file for _, _, file in self.scan()]
+
+    def _evict_to_budget(self, keep: Path) -> None:
+        entries = self.scan()
         used = sum(size for _, size, _ in entries)
         for _, size, file in sorted(entries, key=lambda item: item[0]):
             if used <= self.byte_budget:
                 break
             if file == keep:
                 continue
-            file.unlink(missing_ok=True)
+            try:
+                file.unlink()
+                self._stats.evictions += 1
+            except FileNotFoundError:
+                pass
             used -= size
-            self._stats.evictions += 1
+
+    def remove_stale_temp_files(self, older_than: float = 3600.0) -> int:
+        """Remove temp files of writers killed mid-write (older than `older_than` seconds); returns how many."""
+        removed, now = 0, time.time()
+        for file in self.path.glob(f"{TEMP_PREFIX}*"):
+            try:
+                if now - file.stat().st_mtime > older_than:
+                    file.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def contains(self, key: str) -> bool:
         return self._file(key).exists()
 
     def evict(self, key: str) -> bool:
-        file = self._file(key)
-        if not file.exists():
+        try:
+            self._file(key).unlink()
+        except FileNotFoundError:
             return False
-        file.unlink(missing_ok=True)
         self._stats.evictions += 1
         return True
 
     def keys(self) -> list[str]:
-        return [p.name[: -len(SUFFIX)] for p in self.files()]
+        return [file.name[: -len(SUFFIX)] for file in self.files()]
 
     def stats(self) -> TierStats:
-        files = self.files()
-        self._stats.entries = len(files)
-        self._stats.bytes_used = sum(p.stat().st_size for p in files if p.exists())
+        entries = self.scan()
+        self._stats.entries = len(entries)
+        self._stats.bytes_used = sum(size for _, size, _ in entries)
         return TierStats(**vars(self._stats))
+
+    def __repr__(self) -> str:
+        return f"DiskTier({str(self.path)!r}, byte_budget={self.byte_budget}, mode={oct(self.mode)})"

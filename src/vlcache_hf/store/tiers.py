@@ -18,7 +18,11 @@ from .entry import StoredEntry
 
 @dataclass
 class TierStats:
-    """Counters of one tier; `bytes_used` never exceeds `byte_budget`."""
+    """Counters of one tier; `bytes_used` never exceeds `byte_budget`.
+
+    `errors` counts the calls that failed (an unreachable Redis, a full disk, ...) and were answered as
+    misses by `CacheStore`; `healthy` is False while the tier is skipped until its retry time.
+    """
 
     name: str
     hits: int = 0
@@ -28,6 +32,8 @@ class TierStats:
     entries: int = 0
     bytes_used: int = 0
     byte_budget: int = 0
+    errors: int = 0
+    healthy: bool = True
 
 
 @runtime_checkable

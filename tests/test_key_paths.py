@@ -1,0 +1,150 @@
+"""One key for one image, whichever path its request took (issue 13).
+
+An image reaches `VLCache` either through `VLCacheProcessor` (pre-encoded `mm_encoder_outputs`) or through the
+plain processor (pixels, encoded by `generate`). Its K/V and the exact-context hashes are keyed by the image's
+item key, so both paths must give the same key: otherwise an exact repeat that switches paths is served as a
+*moved* (approximate) reuse and no longer equals plain `generate`.
+
+The reference is always the unmodified model: plain `generate` on the wrapped processor's own outputs.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from helpers import greedy
+
+from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf.processor import VLCacheProcessor
+
+
+def _turn(images: list) -> list[dict]:
+    return [toy.message("user", "Look:", *[part for image in images for part in (image, "then")], "Which colour?")]
+
+
+def _via_processor(wrapped: VLCacheProcessor, processor, messages: list[dict], images: list):
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return wrapped(text=text, images=images)
+
+
+def _assert_exact_repeat(model, store, inputs, reference, images: int) -> None:
+    """`inputs` through a VLCache with policy "none" equals plain generate on `reference`, served exactly."""
+    plain = greedy(model, reference)
+    cache = VLCache(model, store=store, policy="none")
+    ours = greedy(model, inputs, cache)
+    assert torch.equal(plain.sequences, ours.sequences)
+    for step, (expected, got) in enumerate(zip(plain.scores, ours.scores, strict=True)):
+        assert (expected - got).abs().max() < 1e-4, f"step {step}"
+    report = cache.report
+    assert report.moved_tokens == 0, "an exact repeat must not be served as moved reuse"
+    assert report.encoder_hits == images
+    assert report.kv_hits == images
+    assert report.prefix_tokens + report.exact_span_tokens > 0
+
+
+# one image and two: LLaVA-OneVision tiles an image alone in its prompt and gives each of several its base view
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("first", ["plain", "processor"])
+def test_exact_repeat_switching_paths_equals_plain(models, family, images, first, count):
+    model, processor = models(family)
+    store = CacheStore()
+    wrapped = VLCacheProcessor(processor, model, store)
+    pictures = images[:count]
+    messages = _turn(pictures)
+    reference = toy.chat_inputs(processor, messages)
+    if first == "plain":
+        greedy(model, reference, VLCache(model, store=store, policy="full"))
+        repeat = _via_processor(wrapped, processor, messages, pictures)
+        assert wrapped.last_hits == [True] * len(pictures)
+    else:
+        first_inputs = _via_processor(wrapped, processor, messages, pictures)
+        greedy(model, first_inputs, VLCache(model, store=store, policy="full"))
+        repeat = reference
+    assert torch.equal(repeat["input_ids"], reference["input_ids"])
+    _assert_exact_repeat(model, store, repeat, reference, len(pictures))
+
+
+def test_chat_continuation_switching_paths_equals_plain(models, family, images):
+    """Turn 1 through the plain processor, turn 2 (turn 1 + answer + new text) through the wrapper."""
+    model, processor = models(family)
+    store = CacheStore()
+    wrapped = VLCacheProcessor(processor, model, store)
+    pictures = images[:2]
+    turn1 = _turn(pictures)
+    greedy(model, toy.chat_inputs(processor, turn1), VLCache(model, store=store, policy="full"))
+    turn2 = turn1 + [toy.message("assistant", "They look alike."), toy.message("user", "And the shapes?")]
+    inputs = _via_processor(wrapped, processor, turn2, pictures)
+    _assert_exact_repeat(model, store, inputs, toy.chat_inputs(processor, turn2), len(pictures))
+
+
+def test_onevision_variants_keep_their_own_keys_across_paths(models, images):
+    """The tiled and the base-view variant of one picture are two entries on both paths: a processor request
+    in one variant after a plain request in the other is an encoder miss, not the other variant's output."""
+    model, processor = models("llava_onevision")
+    store = CacheStore()
+    wrapped = VLCacheProcessor(processor, model, store)
+    greedy(model, toy.chat_inputs(processor, _turn(images[:1])), VLCache(model, store=store, policy="full"))
+    messages = _turn([images[0], images[1]])
+    inputs = _via_processor(wrapped, processor, messages, [images[0], images[1]])
+    assert wrapped.last_hits == [False, False]
+    reference = toy.chat_inputs(processor, messages)
+    assert torch.equal(inputs["input_ids"], reference["input_ids"])
+    plain = greedy(model, reference)
+    ours = greedy(model, inputs, VLCache(model, store=store, policy="full"))
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+
+
+def test_an_alias_whose_encoder_entry_was_evicted_is_a_miss(models, images, encoder_counter):
+    """The wrapper finds an image's encoder entry through a small alias from its raw key; once the entry itself
+    is gone (evicted, discarded) the alias leads nowhere: a miss that encodes again, never an error."""
+    from vlcache_hf.fingerprint import fingerprint
+    from vlcache_hf.store.keys import ENCODER_KIND, entry_key
+
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    wrapped = VLCacheProcessor(processor, model, store)
+    messages = _turn(images[:1])
+    first = _via_processor(wrapped, processor, messages, images[:1])
+    key = first["mm_encoder_outputs"]["image"].vlcache_features.keys[0]
+    store.discard(entry_key(ENCODER_KIND, fingerprint(model), key))
+    counter = encoder_counter(model)
+    again = _via_processor(wrapped, processor, messages, images[:1])
+    assert wrapped.last_hits == [False] and counter.calls == 1
+    assert again["mm_encoder_outputs"]["image"].vlcache_features.keys == [key]
+    plain = greedy(model, toy.chat_inputs(processor, messages))
+    ours = greedy(model, again, VLCache(model, store=store, policy="full"))
+    assert torch.equal(plain.sequences, ours.sequences)
+
+
+def test_pixels_in_the_models_dtype_are_the_same_image(images):
+    """The wrapper hands the encoder pixels cast to a bf16 model's dtype; plain `generate` gets the processor's
+    float32 pixels. The tower casts its input first, so both are one image: one key, an exact repeat."""
+    model, processor = toy.build_model("qwen2_5_vl", dtype=torch.bfloat16), toy.build_processor("qwen2_5_vl")
+    store = CacheStore()
+    wrapped = VLCacheProcessor(processor, model, store)
+    messages = _turn(images[:2])
+    reference = toy.chat_inputs(processor, messages)
+    assert reference["pixel_values"].dtype == torch.float32
+    greedy(model, reference, VLCache(model, store=store, policy="full"))
+    repeat = _via_processor(wrapped, processor, messages, images[:2])
+    assert wrapped.last_hits == [True, True]
+    _assert_exact_repeat(model, store, repeat, reference, 2)
+
+
+def test_an_image_the_plain_path_stored_is_preprocessed_once_by_the_wrapper(models, images):
+    """After a plain request, the wrapper's first call preprocesses the image (to find its item key) and finds
+    the encoder entry the plain request stored; it records the alias, so its next call skips preprocessing."""
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    wrapped = VLCacheProcessor(processor, model, store)
+    messages = _turn(images[2:4])
+    greedy(model, toy.chat_inputs(processor, messages), VLCache(model, store=store, policy="full"))
+    image_processor = processor.image_processor
+    with mock.patch.object(image_processor, "preprocess", wraps=image_processor.preprocess) as preprocess:
+        _via_processor(wrapped, processor, messages, images[2:4])
+        assert wrapped.last_hits == [True, True] and preprocess.call_count == 1
+        _via_processor(wrapped, processor, messages, images[2:4])
+        assert wrapped.last_hits == [True, True] and preprocess.call_count == 1
