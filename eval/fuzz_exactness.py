@@ -114,7 +114,9 @@ class Step:
     two models share the store). A repeat or continuation keeps its ref's pad, lead and model. `early`: the
     VLCache is created before a plain `generate` of the same prompt by another caller, which must not be
     affected. `reload`: before this request the model's weights are replaced in place by the other weights'
-    (`load_state_dict`, as after fine-tuning): what was stored under the old weights must not be used."""
+    (`load_state_dict`, as after fine-tuning): what was stored under the old weights must not be used. `fork`:
+    before this request the model is replaced by a `deepcopy` of the other slot's served model object, given
+    the other weights (a copy of a served model, fine-tuned): nothing attached to the original may leak."""
 
     kind: str = "new"
     ref: int = -1
@@ -128,6 +130,7 @@ class Step:
     model: int = 0
     early: bool = False
     reload: bool = False
+    fork: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ def scenarios(draw, families: Sequence[str] = toy.FAMILIES, max_steps: int = 4) 
             wrapped=draw(st.booleans()),
             early=draw(st.booleans()),
             reload=draw(st.sampled_from((False,) * 7 + (True,))),
+            fork=draw(st.sampled_from((False,) * 7 + (True,))),
         )
         if kind in ("new", "resend"):
             if kind == "resend":  # an earlier message again, with its own padding, literal pads and weights
@@ -381,6 +385,7 @@ def _tags(scenario: Scenario, index: int, classes: list[bytes], prompts: list[li
     tags += ["left padding"] * (step.pad > 0) + ["literal pad tokens"] * (step.lead > 0)
     tags += ["VLCacheProcessor"] * step.wrapped + ["other weights"] * (len(set(models)) > 1)
     tags += ["weights reloaded"] * any(s.reload for s in scenario.steps[: index + 1])
+    tags += ["deepcopy of a served model"] * any(s.fork for s in scenario.steps[: index + 1])
     return tuple(tags)
 
 
@@ -392,17 +397,21 @@ def run_scenario(scenario: Scenario, pair: Callable[..., tuple[Any, Any]] = toy_
     classes = [_pixel_class(processor, image) for image in pool]
     seen: set[tuple[int, bytes]] = set()  # (weights, image as the model sees it)
     weights = {0: 0, 1: 1}  # model slot -> the seed of the weights it holds now
-    models: dict[int, Any] = {}  # a scenario that reloads weights edits its own copies of the models
+    models: dict[int, Any] = {}  # each scenario serves its own copies: the cached models stay pristine
     served: list[_Served] = []
     prompts: list[list[int]] = []  # pool indices of each prompt's images, in order
     result = ScenarioResult(scenario)
     for index, step in enumerate(scenario.steps):
         processor = pair(scenario.family, step.model)[1]
-        if step.model not in models:
-            shared = pair(scenario.family, step.model)[0]
-            models[step.model] = copy.deepcopy(shared) if any(s.reload for s in scenario.steps) else shared
+        for slot in (step.model, 1 - step.model):
+            if slot not in models:
+                models[slot] = copy.deepcopy(pair(scenario.family, slot)[0])
+        if step.fork:
+            other = 1 - step.model
+            models[step.model] = copy.deepcopy(models[other])
+            weights[step.model] = weights[other]  # flipped just below
         model = models[step.model]
-        if step.reload:
+        if step.reload or step.fork:
             weights[step.model] = 1 - weights[step.model]
             model.load_state_dict(pair(scenario.family, weights[step.model])[0].state_dict())
         current = weights[step.model]

@@ -65,6 +65,28 @@ def test_exact_repeat_with_policy_none_equals_plain(models, family, images):
     assert report.kv_hits == 2
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_image_straddling_the_prefix_boundary_is_exact(models, images, family):
+    """Same preamble and image, another question: the exact prefix ends *inside* the image, so the image's
+    remaining rows come from its stored K/V starting at an offset. Taking the entry's first rows instead, or
+    their positions, moves the logits by ~1e-2 while the greedy tokens stay equal: compare logits at 1e-5."""
+    model, processor = models(family)
+    store = CacheStore()
+    first = request(processor, images, "Look at this:", [0], "What colour is it?")
+    second = request(processor, images, "Look at this:", [0], "How many shapes?")
+    ids1, ids2 = first["input_ids"][0].tolist(), second["input_ids"][0].tolist()
+    common = next(i for i, (a, b) in enumerate(zip(ids1, ids2, strict=False)) if a != b)
+    rows = (second["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
+    chunk = rows[0] + 6  # the only full chunk the two prompts share ends 6 rows into the image
+    assert common // chunk == 1 and rows[0] < chunk <= rows[-1], "the prompt layout no longer straddles"
+    greedy(model, first, VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
+    cache = assert_same_as_plain(
+        model, second, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk), atol=1e-5
+    )
+    assert cache.report.prefix_tokens == chunk and cache.report.kv_hits == 1
+    assert cache.report.exact_span_tokens == rows[-1] + 1 - chunk and cache.report.moved_tokens == 0
+
+
 def test_moved_image_with_policy_none_reuses_kv_and_stays_close(models, images):
     """Non-prefix reuse is approximate by design: check it is used, and that it stays close to plain."""
     model, processor = models("qwen2_5_vl")

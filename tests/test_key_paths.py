@@ -66,17 +66,23 @@ def test_exact_repeat_switching_paths_equals_plain(models, family, images, first
     _assert_exact_repeat(model, store, repeat, reference, len(pictures))
 
 
-def test_chat_continuation_switching_paths_equals_plain(models, family, images):
-    """Turn 1 through the plain processor, turn 2 (turn 1 + answer + new text) through the wrapper."""
+@pytest.mark.parametrize("first", ["plain", "processor"])
+def test_chat_continuation_switching_paths_equals_plain(models, family, images, first):
+    """Turn 1 through one path, turn 2 (turn 1 + answer + new text) through the other."""
     model, processor = models(family)
     store = CacheStore()
     wrapped = VLCacheProcessor(processor, model, store)
     pictures = images[:2]
     turn1 = _turn(pictures)
-    greedy(model, toy.chat_inputs(processor, turn1), VLCache(model, store=store, policy="full"))
     turn2 = turn1 + [toy.message("assistant", "They look alike."), toy.message("user", "And the shapes?")]
-    inputs = _via_processor(wrapped, processor, turn2, pictures)
-    _assert_exact_repeat(model, store, inputs, toy.chat_inputs(processor, turn2), len(pictures))
+    reference = toy.chat_inputs(processor, turn2)
+    if first == "plain":
+        greedy(model, toy.chat_inputs(processor, turn1), VLCache(model, store=store, policy="full"))
+        inputs = _via_processor(wrapped, processor, turn2, pictures)
+    else:
+        greedy(model, _via_processor(wrapped, processor, turn1, pictures), VLCache(model, store=store, policy="full"))
+        inputs = reference
+    _assert_exact_repeat(model, store, inputs, reference, len(pictures))
 
 
 def test_onevision_variants_keep_their_own_keys_across_paths(models, images):
@@ -148,3 +154,31 @@ def test_an_image_the_plain_path_stored_is_preprocessed_once_by_the_wrapper(mode
         assert wrapped.last_hits == [True, True] and preprocess.call_count == 1
         _via_processor(wrapped, processor, messages, images[2:4])
         assert wrapped.last_hits == [True, True] and preprocess.call_count == 1
+
+
+def test_an_alias_copied_under_another_images_key_is_refused(models, images):
+    """An alias is bound to the store key it was written under: copied onto another image's alias key it is a
+    miss (removed), never that other image served with the first one's features."""
+    from vlcache_hf.fingerprint import fingerprint
+    from vlcache_hf.processor import image_settings, seen_pixels
+    from vlcache_hf.store.keys import ALIAS_KIND, entry_key, image_key_from_seen
+
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    wrapped = VLCacheProcessor(processor, model, store)
+    image_processor = processor.image_processor
+    settings = image_settings(image_processor, {}, wrapped.adapter.image_variant(1))
+
+    def alias_key(image) -> str:
+        return entry_key(ALIAS_KIND, fingerprint(model), image_key_from_seen(seen_pixels(image_processor, image, {}), settings))
+
+    messages = _turn(images[:1])
+    _via_processor(wrapped, processor, messages, images[:1])
+    store.put(alias_key(images[1]), store.get(alias_key(images[0])))
+    other = _turn(images[1:2])
+    ours = _via_processor(wrapped, processor, other, images[1:2])
+    assert wrapped.last_hits == [False]
+    plain = greedy(model, toy.chat_inputs(processor, other))
+    cached = greedy(model, ours, VLCache(model, store=store, policy="full"))
+    assert torch.equal(plain.sequences, cached.sequences)
+    assert (plain.scores[0] - cached.scores[0]).abs().max() < 1e-4

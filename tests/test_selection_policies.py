@@ -10,9 +10,17 @@ from helpers import greedy
 from vlcache_hf import CacheStore, VLCache, toy
 from vlcache_hf.compat import with_cache
 from vlcache_hf.models import get_adapter
-from vlcache_hf.selection import allocate_budgets
-from vlcache_hf.selection.baselines import budget_tokens
-from vlcache_hf.selection.profile import default_weights
+from vlcache_hf.selection import (
+    CacheBlendPolicy,
+    FirstTokensPolicy,
+    LayerObservation,
+    LayerProfile,
+    RandomPolicy,
+    ReusedSpan,
+    SelectionContext,
+    VLCachePolicy,
+    allocate_budgets,
+)
 
 SELECTIVE = ["vlcache", "first_k", "random", "cacheblend"]
 
@@ -52,12 +60,13 @@ def _record_sets(cache: VLCache) -> list[torch.Tensor]:
     return sets
 
 
-def _expected_moved_counts(policy: str, moved: int, layers: int, ratio: float) -> list[int]:
-    if policy == "vlcache":
-        return allocate_budgets(default_weights(layers), moved, ratio)
+def _expected_moved_counts(policy: str, layers: int, ratio: float) -> list[int]:
+    """Moved tokens per layer for the 2 × 16 moved image tokens, by hand: round(0.05 × 32) = 2, 0.25 × 32 = 8
+    (vlcache's default allocation is uniform); cacheblend recomputes all 32 at layers 0 and 1."""
+    per_layer = {0.05: 2, 0.25: 8}[ratio]
     if policy == "cacheblend":
-        return [moved, moved] + [budget_tokens(moved, ratio)] * (layers - 2)
-    return [budget_tokens(moved, ratio)] * layers
+        return [32, 32] + [per_layer] * (layers - 2)
+    return [per_layer] * layers
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.25])
@@ -84,6 +93,7 @@ def test_sets_are_nested_sized_and_cost_follows_them(models, images, policy, rat
     assert computed[:layers] == [c - 1 for c in report.recomputed_per_layer] and computed[layers:] == [1] * layers
     assert [len(s) for s in sets] == computed[:layers]
     moved_tokens = 2 * toy.image_tokens(112)
+    assert moved_tokens == 32
     num_tokens = report.total_tokens - 1
     image_rows = {i for i, t in enumerate(moved["input_ids"][0, :num_tokens].tolist()) if t == model.config.image_token_id}
     fresh = set(range(num_tokens)) - image_rows
@@ -92,7 +102,7 @@ def test_sets_are_nested_sized_and_cost_follows_them(models, images, policy, rat
     for layer_set in sets:
         assert fresh <= set(layer_set.tolist())  # fresh tokens at every layer
     got = [len(s) - len(fresh) for s in sets]
-    assert got == _expected_moved_counts(policy, moved_tokens, layers, ratio)
+    assert got == _expected_moved_counts(policy, layers, ratio)
     if policy in ("vlcache", "first_k", "random"):  # the budget is the mean over layers, within rounding
         assert abs(sum(got) / (layers * moved_tokens) - ratio) <= 1.0 / moved_tokens
 
@@ -106,3 +116,97 @@ def test_allocation_is_capped_monotone_and_averages_the_ratio():
                 assert abs(sum(counts) / len(counts) - ratio * moved) <= 1.0 + 1e-9 or counts[0] == moved
     assert allocate_budgets([3, 2, 1], 10, 1.0) == [10, 10, 10]
     assert allocate_budgets([3, 2, 1], 10, 0.0) == [0, 0, 0]
+
+
+def test_allocation_hand_computed_cases():
+    """k_l = min(moved, c · w_l) with mean k_l = ratio · moved, worked out by hand."""
+    assert allocate_budgets([4, 4, 2, 2], 12, 0.25) == [4, 4, 2, 2]  # target 12 = c · 12 → c = 1
+    assert allocate_budgets([10, 1, 1, 0], 10, 0.5) == [10, 5, 5, 0]  # target 20: 10 (capped) + 2c → c = 5
+    assert allocate_budgets([1, 3, 2, 2], 8, 0.25) == [2, 2, 2, 2]  # made non-increasing: [1, 1, 1, 1]
+    assert allocate_budgets([1, 1, 1, 1], 100, 0.001) == [1, 0, 0, 0]  # round(0.1) = 0, but layer 0 gets ≥ 1
+
+
+# A hand-built layout for the policies' own choices: 20 tokens, moved spans [4, 12) and [14, 18), the rest fresh.
+FRESH = [0, 1, 2, 3, 12, 13, 18, 19]
+MOVED = [*range(4, 12), *range(14, 18)]
+
+
+def _context(ratio: float, num_layers: int = 4) -> SelectionContext:
+    fresh = torch.zeros(20, dtype=torch.bool)
+    fresh[FRESH] = True
+    return SelectionContext(20, num_layers, fresh, (ReusedSpan(4, 12), ReusedSpan(14, 18)), ratio)
+
+
+def _observation(layer_idx: int, current: torch.Tensor, key_diff: dict[int, float], value_diff: dict[int, float]):
+    """New vs old K/V of `current` differing by one element per token: token t's deviation is exactly
+    sqrt(key_diff[t]² + value_diff[t]²). Fresh tokens get a huge deviation: a policy must never rank them."""
+    shape = (1, 2, current.numel(), 8)
+    old_keys, old_values = torch.randn(shape), torch.randn(shape)
+    new_keys, new_values = old_keys.clone(), old_values.clone()
+    for row, token in enumerate(current.tolist()):
+        new_keys[0, 1, row, 3] += 100.0 if token in FRESH else key_diff.get(token, 0.0)
+        new_values[0, 0, row, 5] += 100.0 if token in FRESH else value_diff.get(token, 0.0)
+    return LayerObservation(layer_idx, current, new_keys, new_values, old_keys, old_values)
+
+
+def _sorted(indices: torch.Tensor) -> list[int]:
+    return sorted(indices.tolist())
+
+
+def test_first_k_picks_the_first_tokens_of_each_span_in_proportion():
+    # 0.25 × 12 moved = 3 tokens, split 8 : 4 → 2 from the first span, 1 from the second
+    chosen = FirstTokensPolicy(0.25).initial_set(_context(0.25))
+    assert _sorted(chosen) == sorted(FRESH + [4, 5, 14])
+
+
+def test_random_is_seeded_sized_and_within_the_moved_tokens():
+    ctx = _context(0.25)
+    a, b = RandomPolicy(0.25, seed=0).initial_set(ctx), RandomPolicy(0.25, seed=0).initial_set(ctx)
+    other = RandomPolicy(0.25, seed=1).initial_set(ctx)
+    assert torch.equal(a, b)  # deterministic for a seed
+    for chosen in (a, other):
+        picked = set(chosen.tolist()) - set(FRESH)
+        assert set(FRESH) <= set(chosen.tolist()) and len(chosen) == len(set(chosen.tolist()))
+        assert len(picked) == 3 and picked <= set(MOVED)
+    assert set(a.tolist()) != set(other.tolist())  # the seed matters (seeds 0 and 1 draw different tokens)
+
+
+def test_cacheblend_keeps_the_largest_value_deviations_from_layer_two():
+    ctx = _context(0.25)
+    policy = CacheBlendPolicy(0.25)
+    current = torch.tensor(sorted(policy.initial_set(ctx).tolist()))
+    assert current.tolist() == list(range(20))  # every moved token at layers 0 and 1
+    assert policy.after_layer(0, ctx, current, _observation(0, current, {}, {5: 9.0})) is current
+    # values decide (keys are ignored: token 7's key moved most); budget 3 → tokens 5, 14, 6
+    values = {4: 0.1, 5: 3.0, 6: 1.0, 8: 0.05, 14: 2.0, 15: 0.5}
+    kept = policy.after_layer(1, ctx, current, _observation(1, current, {7: 50.0}, values))
+    assert _sorted(kept) == sorted(FRESH + [5, 6, 14])
+
+
+def _profiled_vlcache(ratio: float) -> VLCachePolicy:
+    # remaining error [4, 4, 2, 2] over 12 moved tokens at 0.25 → budgets [4, 4, 2, 2] (see the allocation test)
+    profile = LayerProfile("fp", 4, [4.0, 4.0, 2.0, 2.0], [0.0, 2.0, 0.0, 2.0], 4.0, 0, 1, "test")
+    return VLCachePolicy(ratio, profile=profile)
+
+
+def test_vlcache_starts_with_the_earliest_tokens_of_every_span():
+    policy = _profiled_vlcache(0.25)
+    chosen = policy.initial_set(_context(0.25))
+    assert policy.last_budgets == [4, 4, 2, 2]
+    # relative offsets: 4 → 0, 14 → 0, 5 → 1/8, then 6 and 15 tie at 1/4 and the earlier token wins
+    assert _sorted(chosen) == sorted(FRESH + [4, 5, 6, 14])
+
+
+def test_vlcache_keeps_the_largest_deviation_weighted_by_what_follows():
+    ctx = _context(0.25)
+    policy = _profiled_vlcache(0.25)
+    current = torch.tensor(sorted(policy.initial_set(ctx).tolist()))
+    assert policy.after_layer(0, ctx, current, _observation(0, current, {}, {})) is current  # budget 4 → 4
+    # score = sqrt(|Δk|² + |Δv|²) × (20 − t) / 20:  4 → 0.1·16/20 = 0.08,  5 → 3·15/20 = 2.25,
+    # 6 → sqrt(0.6² + 0.8²)·14/20 = 0.7,  14 → 2·6/20 = 0.6; budget 2 keeps 5 and 6
+    # (largest raw deviation would keep 5 and 14; keys only: 5 and 14; smallest first: 4 and 14)
+    observation = _observation(1, current, {5: 3.0, 6: 0.6, 14: 2.0}, {4: 0.1, 6: 0.8})
+    kept = policy.after_layer(1, ctx, current, observation)
+    assert _sorted(kept) == sorted(FRESH + [5, 6])
+    current = torch.tensor(_sorted(kept))
+    assert policy.after_layer(2, ctx, current, _observation(2, current, {}, {})) is current  # budget 2 → 2
