@@ -160,7 +160,10 @@ class VLCacheProcessor:
         one of them (then the wrapped processor serves the call)."""
         if kwargs.get("return_tensors", "pt") not in ("pt", None):
             return None
-        merged = self.processor._merge_kwargs(tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs, **kwargs)
+        # the kwargs class passed explicitly: transformers 5.18 requires it, later versions default to it
+        merged = self.processor._merge_kwargs(
+            self.processor.valid_processor_kwargs, tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs, **kwargs
+        )
         routed = set(merged["text_kwargs"]) | set(merged["images_kwargs"]) | _OWN_KWARGS
         return merged if set(kwargs) <= routed else None
 
