@@ -216,3 +216,31 @@ def test_context_hash_covers_positions_and_mask_but_not_the_chunk_size():
     assert context_hashes("fp", long_ids, {}, ends, long_pos, long_visible, blocks) == context_hashes(
         "fp", long_ids, {}, ends, long_pos, long_visible
     )
+
+
+def test_moved_reuse_of_a_duplicated_image_uses_its_first_occurrence(models, images):
+    """An image shown twice is stored as its first occurrence's K/V under its content key (the second one's goes
+    under content + context), so a later request showing it in another context re-rotates the first occurrence's
+    K/V: its values are exactly those the plain model computed at the first occurrence, not at the second (the
+    K/V of a 'last write wins' store, which gave other approximate-reuse figures)."""
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    warmup = duplicate_prompt(processor, images[4])
+    greedy(model, warmup, VLCache(model, store=store, policy="full"), max_new_tokens=1)
+    moved = toy.chat_inputs(processor, [toy.message("user", "Other words here.", images[4], "What?")])
+    cache = VLCache(model, store=store, policy="none", publish=False)
+    greedy(model, moved, cache, max_new_tokens=1)
+    rows = image_rows(model, warmup)
+    tokens = len(rows) // 2
+    first, second, here = rows[:tokens], rows[tokens:], image_rows(model, moved)
+    assert (cache.report.moved_tokens, cache.report.exact_span_tokens, cache.report.kv_hits) == (tokens, 0, 1)
+    with torch.no_grad():
+        plain_warmup = model(**warmup, use_cache=True).past_key_values
+        plain_moved = model(**moved, use_cache=True).past_key_values
+    for layer, (ours, plain) in enumerate(zip(cache.layers, plain_warmup.layers, strict=True)):
+        got = ours.values[0, :, here]
+        assert (got - plain.values[0, :, first]).abs().max() < 1e-5, layer
+        if layer > 0:  # layer 0 sees no context: both occurrences agree there
+            assert (got - plain.values[0, :, second]).abs().max() > 1e-3, layer
+    # re-rotated to where the image now sits: layer-0 keys (context-free) equal the plain model's at that place
+    assert (cache.layers[0].keys[0, :, here] - plain_moved.layers[0].keys[0, :, here]).abs().max() < 1e-5

@@ -87,6 +87,22 @@ def test_image_straddling_the_prefix_boundary_is_exact(models, images, family):
     assert cache.report.exact_span_tokens == rows[-1] + 1 - chunk and cache.report.moved_tokens == 0
 
 
+def test_same_pixels_under_another_grid_are_another_image(models, images, encoder_counter):
+    """Qwen's pixel_values are flat patches: the same 64 patches read as an 8×8 or a 4×16 grid are different
+    images to the vision tower (and the same 16 tokens to the prompt). The second must not be served the
+    first's encoder output or K/V: its answer equals plain `generate` with its own grid."""
+    model, processor = models("qwen2_5_vl")
+    store = CacheStore()
+    square = request(processor, images, "Look:", [0])
+    assert square["image_grid_thw"].tolist() == [[1, 8, 8]]
+    wide = {**square, "image_grid_thw": torch.tensor([[1, 4, 16]])}
+    greedy(model, square, VLCache(model, store=store, policy="none"))
+    counter = encoder_counter(model)
+    cache = assert_same_as_plain(model, wide, lambda: VLCache(model, store=store, policy="none"), atol=1e-5)
+    assert counter.calls == 2  # plain generate, then ours: an encoder miss
+    assert cache.report.encoder_hits == 0 and cache.report.kv_hits == 0
+
+
 def test_moved_image_with_policy_none_reuses_kv_and_stays_close(models, images):
     """Non-prefix reuse is approximate by design: check it is used, and that it stays close to plain."""
     model, processor = models("qwen2_5_vl")
@@ -100,7 +116,9 @@ def test_moved_image_with_policy_none_reuses_kv_and_stays_close(models, images):
     assert cache.report.reused_tokens == 2 * toy.image_tokens(112)
     kl = kl_first_token(plain, ours)
     print(f"KL(full || naive reuse) of the first token: {kl:.3e}")
-    assert 0 < kl < 0.05
+    # measured 3.33e-4 (torch 2.14, CPU float32, this seeded toy): a few times that either way, so a reuse that
+    # gets worse (a wrong rotation, wrong rows) or silently stops reusing fails
+    assert 1e-4 < kl < 1e-3
 
 
 def test_recompute_everything_over_stored_kv_equals_plain(models, images):

@@ -7,7 +7,7 @@ import torch
 
 from vlcache_hf import VLCacheError
 from vlcache_hf.plan import find_image_spans, plan_prefill
-from vlcache_hf.store.keys import chain_prefix_hashes
+from vlcache_hf.store.keys import chain_prefix_hashes, image_key_from_pixels
 
 IMG = 9
 
@@ -55,3 +55,18 @@ def test_prefix_hashes_depend_on_image_content_and_order():
     assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]
     assert a[0] != c[0]
     assert chain_prefix_hashes("fp", tokens[:7], {}, 4) == chain_prefix_hashes("fp", tokens[:4], {}, 4)
+
+
+def test_pixel_key_holds_grid_settings_dtype_and_bytes():
+    """Flat patches mean nothing without their grid: the same bytes under another grid are another image."""
+    pixels = torch.arange(64 * 6, dtype=torch.float32).view(64, 6)
+    base = image_key_from_pixels(pixels, (1, 8, 8), "image")
+    assert image_key_from_pixels(pixels.clone(), [1, 8, 8], "image") == base  # content, not identity
+    others = [
+        image_key_from_pixels(pixels, (1, 4, 16), "image"),
+        image_key_from_pixels(pixels, (1, 8, 8), "video"),
+        image_key_from_pixels(pixels.to(torch.float64), (1, 8, 8), "image"),
+        image_key_from_pixels(pixels.view(32, 12), (1, 8, 8), "image"),
+        image_key_from_pixels(pixels + (torch.arange(pixels.numel()) == 100).view_as(pixels), (1, 8, 8), "image"),
+    ]
+    assert len({base, *others}) == 6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from helpers import greedy
@@ -11,9 +13,21 @@ from vlcache_hf.models import get_adapter
 from vlcache_hf.rope import apply_rotation, position_delta
 
 
-def _keys_at(adapter, raw: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    cos, sin = adapter.rotary_cos_sin(raw, positions)
-    return apply_rotation(raw, cos, sin)
+def model_keys_at(model, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Layer-0 keys of `hidden` ([1, n, hidden]) at `positions` ([num_axes, 1, n]) as the model itself computes
+    them: its k_proj (and k_norm where it has one), its rotary module and the `apply_rotary_pos_emb` of its own
+    modeling file. Nothing of vlcache_hf's rotation code is involved: this is the independent reference."""
+    text = model.model.language_model
+    attn = text.layers[0].self_attn
+    head_dim = attn.head_dim
+    keys = attn.k_proj(hidden).view(1, hidden.shape[1], -1, head_dim)
+    if hasattr(attn, "k_norm"):  # Qwen3-VL normalises keys before RoPE
+        keys = attn.k_norm(keys)
+    keys = keys.transpose(1, 2)
+    position_ids = positions if positions.shape[0] > 1 else positions[0]  # M-RoPE takes all three axes
+    cos, sin = text.rotary_emb(hidden, position_ids)
+    _, rotated = sys.modules[type(attn).__module__].apply_rotary_pos_emb(keys, keys, cos, sin)
+    return rotated
 
 
 def _image_positions(start: int, rows: int, cols: int) -> torch.Tensor:
@@ -23,39 +37,65 @@ def _image_positions(start: int, rows: int, cols: int) -> torch.Tensor:
     return torch.stack([t, h, w])[:, None, :]
 
 
+def _moved(adapter, cached: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The code under test: re-rotate keys cached at `old` positions to `new` ones."""
+    return apply_rotation(cached, *adapter.rotation_cos_sin(cached, position_delta(new[:, 0], old[:, 0])))
+
+
+def test_apply_rotation_closed_form():
+    """Llama-style RoPE pairs dimension i with i + head_dim/2: (x_i, x_j) → (x_i cos − x_j sin, x_j cos + x_i sin).
+    Pair (0, 2) turns by 90°, pair (1, 3) by 180°; the expected numbers are worked out by hand."""
+    keys = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    cos = torch.tensor([[[0.0, -1.0, 0.0, -1.0]]])
+    sin = torch.tensor([[[1.0, 0.0, 1.0, 0.0]]])
+    # pair (0, 2) = (1, 3) by 90° → (−3, 1); pair (1, 3) = (2, 4) by 180° → (−2, −4)
+    torch.testing.assert_close(apply_rotation(keys, cos, sin), torch.tensor([[[-3.0, -2.0, 1.0, -4.0]]]))
+    angle = torch.tensor(0.3)
+    c, s = torch.cos(angle), torch.sin(angle)
+    got = apply_rotation(keys, torch.stack([c, c, c, c]).view(1, 1, 4), torch.stack([s, s, s, s]).view(1, 1, 4))
+    expected = torch.stack([1 * c - 3 * s, 2 * c - 4 * s, 3 * c + 1 * s, 4 * c + 2 * s]).view(1, 1, 4)
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("delta", [7, -3, 250])
 def test_rerotation_1d(models, family, delta):
-    adapter = get_adapter(models(family)[0])
+    model = models(family)[0]
+    adapter = get_adapter(model)
     torch.manual_seed(0)
-    raw = torch.randn(1, 2, 10, adapter.kv_layout.head_dim)
+    hidden = torch.randn(1, 10, model.config.get_text_config().hidden_size)
     p = torch.arange(5, 15).view(1, 1, -1).expand(adapter.position_axes, 1, -1)
-    cached = _keys_at(adapter, raw, p)
-    moved = apply_rotation(cached, *adapter.rotation_cos_sin(cached, position_delta(p[:, 0] + delta, p[:, 0])))
-    torch.testing.assert_close(moved, _keys_at(adapter, raw, p + delta), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        cached, fresh = model_keys_at(model, hidden, p), model_keys_at(model, hidden, p + delta)
+        moved = _moved(adapter, cached, p, p + delta)
+    assert (cached - fresh).abs().max() > 0.1  # the move is not a no-op
+    torch.testing.assert_close(moved, fresh, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("delta", [11, -4])
 def test_rerotation_mrope_image_grid(models, mrope_family, delta):
-    adapter = get_adapter(models(mrope_family)[0])
+    model = models(mrope_family)[0]
+    adapter = get_adapter(model)
     torch.manual_seed(1)
-    raw = torch.randn(1, 2, 12, adapter.kv_layout.head_dim)
+    hidden = torch.randn(1, 12, model.config.get_text_config().hidden_size)
     p = _image_positions(20, 3, 4)
-    cached = _keys_at(adapter, raw, p)
-    delta_pos = position_delta(p[:, 0] + delta, p[:, 0])
-    moved = apply_rotation(cached, *adapter.rotation_cos_sin(cached, delta_pos))
-    torch.testing.assert_close(moved, _keys_at(adapter, raw, p + delta), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        moved = _moved(adapter, model_keys_at(model, hidden, p), p, p + delta)
+        fresh = model_keys_at(model, hidden, p + delta)
+    torch.testing.assert_close(moved, fresh, atol=1e-5, rtol=1e-5)
 
 
 def test_rerotation_mrope_per_axis_delta(models, mrope_family):
     """Each M-RoPE section follows its own axis, so unequal per-axis deltas re-rotate exactly too."""
-    adapter = get_adapter(models(mrope_family)[0])
+    model = models(mrope_family)[0]
+    adapter = get_adapter(model)
     torch.manual_seed(2)
-    raw = torch.randn(1, 2, 6, adapter.kv_layout.head_dim)
+    hidden = torch.randn(1, 6, model.config.get_text_config().hidden_size)
     p = _image_positions(3, 2, 3)
     target = p + torch.tensor([5, -2, 9]).view(3, 1, 1)
-    cached = _keys_at(adapter, raw, p)
-    moved = apply_rotation(cached, *adapter.rotation_cos_sin(cached, position_delta(target[:, 0], p[:, 0])))
-    torch.testing.assert_close(moved, _keys_at(adapter, raw, target), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        moved = _moved(adapter, model_keys_at(model, hidden, p), p, target)
+        fresh = model_keys_at(model, hidden, target)
+    torch.testing.assert_close(moved, fresh, atol=1e-5, rtol=1e-5)
 
 
 def test_reused_layer0_keys_equal_fresh_keys_at_new_position(models, family, images):

@@ -37,13 +37,20 @@ def test_round_trip_bitwise(tmp_path):
 
 
 def test_budget_held_under_churn_with_lru(tmp_path):
+    """LRU by file time: a hit touches its file, so the entry read last is evicted last. The files' times are
+    set explicitly (1 s apart, long ago), so the order never rests on the filesystem's timestamp resolution."""
     tier = DiskTier(tmp_path, 6_000)
-    for i in range(20):
+    for i in range(4):  # four files of 1312 bytes fit in 6000, a fifth does not
         tier.put(key(i), entry(i))
-        if i >= 1:
-            tier.get(key(0)) if i == 5 else None
+        os.utime(tmp_path / f"{key(i)}.safetensors", (1_000_000 + i, 1_000_000 + i))
+    assert tier.stats().bytes_used == 4 * 1312
+    assert tier.get(key(0)) is not None  # key 0 was the oldest: the hit makes it the most recent
+    tier.put(key(4), entry(4))
+    assert sorted(tier.keys()) == [key(0), key(2), key(3), key(4)]  # key 1 was the least recently used
+    for i in range(5, 20):
+        tier.put(key(i), entry(i))
         assert tier.stats().bytes_used <= 6_000
-    assert not tier.contains(key(1)) and tier.contains(key(19))
+    assert tier.contains(key(19)) and not tier.contains(key(0))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
@@ -109,25 +116,50 @@ def test_two_processes_share_a_directory(tmp_path):
     assert hits > 0 and bad == 0
 
 
-def _endless_writer(path: str) -> None:
+def _endless_writer(path: str, started) -> None:
     tier = DiskTier(path, 500_000_000)
     i = 0
     while True:
         tier.put(KEY, entry(i % 3, numel=2_000_000))
+        started.set()
         i += 1
 
 
 def test_writer_killed_mid_write_leaves_no_partial_entry(tmp_path):
+    """A whole entry is on disk before each writer starts, so after the kill the key must read back as one of
+    the whole entries, whatever the writer was doing (a file written in place would be truncated or gone)."""
     ctx = mp.get_context("spawn")
-    for _ in range(3):
-        proc = ctx.Process(target=_endless_writer, args=(str(tmp_path),))
+    whole = [entry(i, numel=2_000_000).tensors["kv"] for i in range(3)]
+    DiskTier(tmp_path, 500_000_000).put(KEY, entry(0, numel=2_000_000))
+    for pause in (0.05, 0.2, 0.5):
+        started = ctx.Event()
+        proc = ctx.Process(target=_endless_writer, args=(str(tmp_path), started))
         proc.start()
-        time.sleep(2.5)
+        assert started.wait(300), "the writer never finished a write"  # slow: a spawned process imports torch
+        time.sleep(pause)  # the writer spends its time writing: the kill lands mid-write or between writes
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        got = DiskTier(tmp_path, 500_000_000).get(KEY)
-        if got is not None:
-            assert any(torch.equal(got.tensors["kv"], entry(i, numel=2_000_000).tensors["kv"]) for i in range(3))
+        tier = DiskTier(tmp_path, 500_000_000)
+        got = tier.get(KEY)
+        assert got is not None, "a killed writer left no readable entry"
+        assert any(torch.equal(got.tensors["kv"], kv) for kv in whole)
+        assert tier.keys() == [KEY]
+    tier.remove_stale_temp_files(older_than=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", f"{KEY}.safetensors"]
+
+
+def test_a_put_never_writes_into_a_file_a_reader_has_open(tmp_path):
+    """Atomic replace, deterministically: a reader halfway through an entry when another put lands still
+    reads the whole old entry, and the next read gets the whole new one."""
+    tier = DiskTier(tmp_path, 10**8)
+    tier.put(KEY, entry(1, numel=50_000))
+    file = tmp_path / f"{KEY}.safetensors"
+    before = file.read_bytes()
+    with open(file, "rb") as reader:
+        head = reader.read(len(before) // 2)
+        tier.put(KEY, entry(2, numel=50_000))
+        assert head + reader.read() == before
+    assert torch.equal(tier.get(KEY).tensors["kv"], entry(2, numel=50_000).tensors["kv"])
 
 
 def _serve_once(path: str, queue) -> None:
