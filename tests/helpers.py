@@ -35,6 +35,19 @@ def greedy(model, inputs, cache=None, max_new_tokens: int = 6, **kwargs):
     )
 
 
+def assert_same_as_plain(model, inputs, make_cache, atol: float = 1e-4):
+    """Plain generate, then generate through the cache `make_cache()` returns; greedy tokens equal and every
+    step's logits within `atol` (float32). Returns the cache, for checks of its report."""
+    plain = greedy(model, inputs)
+    cache = make_cache()
+    ours = greedy(model, inputs, cache)
+    assert torch.equal(plain.sequences, ours.sequences), (plain.sequences, ours.sequences)
+    for step, (a, b) in enumerate(zip(plain.scores, ours.scores, strict=True)):
+        diff = (a - b).abs().max().item()
+        assert diff < atol, f"step {step}: logits differ by {diff}"
+    return cache
+
+
 def kl_first_token(reference, candidate) -> float:
     p = torch.log_softmax(reference.scores[0].float(), -1)
     q = torch.log_softmax(candidate.scores[0].float(), -1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import greedy
+from helpers import assert_same_as_plain, greedy
 
 from vlcache_hf import CacheStore, VLCache, toy
 from vlcache_hf.plan import find_image_spans, plan_prefill
@@ -19,16 +19,6 @@ from vlcache_hf.store.keys import CONTEXT_BLOCK, chain_prefix_hashes, context_ha
 PREAMBLE = "Please look very carefully, and take your time, at the first picture here:"
 
 
-def assert_equals_plain(model, inputs, make_cache, atol: float = 1e-4) -> VLCache:
-    """Plain generate, then generate through a cache made just before it (a VLCache is armed from birth)."""
-    plain = greedy(model, inputs)
-    cache = make_cache()
-    ours = greedy(model, inputs, cache)
-    assert torch.equal(plain.sequences, ours.sequences), (plain.sequences, ours.sequences)
-    for step, (a, b) in enumerate(zip(plain.scores, ours.scores, strict=True)):
-        diff = (a - b).abs().max().item()
-        assert diff < atol, f"step {step}: logits differ by {diff}"
-    return cache
 
 
 def image_rows(model, inputs) -> list[int]:
@@ -62,7 +52,7 @@ def test_duplicate_image_exact_repeat_equals_plain(models, images, family, in_be
         elsewhere = toy.chat_inputs(processor, [toy.message("user", "Something else first.", images[0], "Hm?")])
         greedy(model, elsewhere, VLCache(model, store=store, policy="full", prefix_chunk_size=chunk))
 
-    cache = assert_equals_plain(model, inputs, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
+    cache = assert_same_as_plain(model, inputs, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
     report, num_tokens = cache.report, inputs["input_ids"].shape[1] - 1
     past_prefix = sum(1 for row in image_rows(model, inputs) if chunk <= row < num_tokens)
     assert (report.prefix_tokens, report.exact_span_tokens, report.moved_tokens) == (chunk, past_prefix, 0)
@@ -75,7 +65,7 @@ def test_duplicate_image_repeat_with_another_chunk_size_is_exact(models, images)
     store = CacheStore()
     inputs = duplicate_prompt(processor, images[3], "Two:")
     greedy(model, inputs, VLCache(model, store=store, policy="full", prefix_chunk_size=2))
-    cache = assert_equals_plain(model, inputs, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=1000))
+    cache = assert_same_as_plain(model, inputs, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=1000))
     assert cache.report.prefix_tokens == 0 and cache.report.moved_tokens == 0
     assert cache.report.exact_span_tokens == len(image_rows(model, inputs))
 
@@ -93,7 +83,7 @@ def test_duplicate_image_chat_continuation_equals_plain(models, images):
     second = toy.chat_inputs(processor, turn2)
     n1 = first["input_ids"].shape[1]
     assert torch.equal(second["input_ids"][0, :n1], first["input_ids"][0])
-    cache = assert_equals_plain(model, second, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
+    cache = assert_same_as_plain(model, second, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
     assert cache.report.prefix_tokens == chunk and cache.report.moved_tokens == 0
     assert cache.report.exact_span_tokens == sum(1 for row in image_rows(model, first) if row >= chunk)
 
@@ -130,7 +120,7 @@ def test_left_padding_is_part_of_every_key(models, images, family):
     greedy(model, unpadded, VLCache(model, store=store, policy="none", prefix_chunk_size=16))
 
     # recomputing every moved token leaves nothing approximate: equal to plain generate
-    assert_equals_plain(model, padded, lambda: VLCache(model, store=store, policy="first_k", recompute_ratio=1.0, prefix_chunk_size=16))
+    assert_same_as_plain(model, padded, lambda: VLCache(model, store=store, policy="first_k", recompute_ratio=1.0, prefix_chunk_size=16))
     naive = VLCache(model, store=store, policy="none", prefix_chunk_size=16)
     greedy(model, padded, naive)
     rows = image_rows(model, padded)  # chunks before the image: the padded first_k request's own, exact
@@ -138,7 +128,7 @@ def test_left_padding_is_part_of_every_key(models, images, family):
     assert naive.report.moved_tokens == len(rows)
     # once computed exactly (policy "full" publishes under its own positions), the padded request repeats exactly
     greedy(model, padded, VLCache(model, store=store, policy="full", prefix_chunk_size=16))
-    repeat = assert_equals_plain(model, padded, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=16))
+    repeat = assert_same_as_plain(model, padded, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=16))
     assert repeat.report.prefix_tokens > 0 and repeat.report.moved_tokens == 0
 
 
@@ -156,7 +146,7 @@ def test_video_timing_is_part_of_every_key(models, images):
     differ = (model.model.get_rope_index(**rope, second_per_grid_ts=slow["second_per_grid_ts"])[0]
               != model.model.get_rope_index(**rope, second_per_grid_ts=fast["second_per_grid_ts"])[0])
     first_moved = int(differ.any(0)[0].nonzero()[0])  # the first frame group sits at time 0 in both
-    assert_equals_plain(model, fast, lambda: VLCache(model, store=store, policy="first_k", recompute_ratio=1.0, prefix_chunk_size=16))
+    assert_same_as_plain(model, fast, lambda: VLCache(model, store=store, policy="first_k", recompute_ratio=1.0, prefix_chunk_size=16))
     naive = VLCache(model, store=store, policy="none", prefix_chunk_size=16)
     greedy(model, fast, naive)
     assert 0 < naive.report.prefix_tokens <= first_moved and naive.report.exact_span_tokens == 0
@@ -180,7 +170,7 @@ def test_entry_copied_under_another_key_is_refused(tmp_path, models, images, kin
     (key_a,), (key_b,) = keys_a, keys_b
     tier.put(key_b, tier.get(key_a))  # the very bytes of a's entry, under b's key
 
-    cache = assert_equals_plain(model, b, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=16))
+    cache = assert_same_as_plain(model, b, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=16))
     report = cache.report
     assert (report.exact_span_tokens, report.moved_tokens, report.encoder_hits) == (0, 0, 0)
     assert tier.get(key_b).metadata["key"] == key_b  # the copy was dropped, then b's own entry published

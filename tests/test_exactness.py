@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_full_policy_reuses_encoder_exactly, greedy, kl_first_token
+from helpers import assert_full_policy_reuses_encoder_exactly, assert_same_as_plain, greedy, kl_first_token
 
 from vlcache_hf import CacheStore, VLCache, toy
 
@@ -14,16 +14,6 @@ def request(processor, images, preamble: str, order: list[int], question: str = 
     return toy.chat_inputs(processor, [toy.message("user", *parts)])
 
 
-def assert_same_as_plain(model, inputs, make_cache, atol: float = 1e-4) -> VLCache:
-    """Plain generate first, then generate through a cache made just before (a VLCache is armed from birth)."""
-    plain = greedy(model, inputs)
-    cache = make_cache()
-    ours = greedy(model, inputs, cache)
-    assert torch.equal(plain.sequences, ours.sequences), (plain.sequences, ours.sequences)
-    for step, (a, b) in enumerate(zip(plain.scores, ours.scores, strict=True)):
-        diff = (a - b).abs().max().item()
-        assert diff < atol, f"step {step}: logits differ by {diff}"
-    return cache
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
