@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from pathlib import Path
-from statistics import median
 
 import blake3
 import torch
@@ -29,6 +27,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vlcache_hf.fingerprint import _config_json, weights_digest, weights_signature
 from vlcache_hf.store.entry import FORMAT_VERSION
 from vlcache_hf.store.keys import model_fingerprint
+from vlcache_hf.timing import median_seconds
 
 RESULTS = Path(__file__).parent / "results" / "fingerprint_cost.md"
 
@@ -72,15 +71,6 @@ class _Layers(nn.Module):
                 self.register_buffer(f"l{layer}_{name.replace('.', '_')}", torch.randn(shape, dtype=torch.bfloat16))
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of real tensors to hash")
@@ -98,7 +88,7 @@ def main() -> None:
     sample = _Layers(layer_shapes, args.layers)
     sample_bytes = sum(t.numel() * t.element_size() for t in sample.state_dict().values())
     weights_digest(sample)  # warm-up (page faults, thread pool)
-    hash_s = _timed(lambda: weights_digest(sample), args.repeats)
+    hash_s = median_seconds(lambda: weights_digest(sample), args.repeats)
     throughput = sample_bytes / hash_s / 1e9
     buffers = [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in sample.state_dict().values()]
 
@@ -107,15 +97,15 @@ def main() -> None:
         for buffer in buffers:
             hasher.update(buffer)
 
-    one_thread_throughput = sample_bytes / _timed(one_thread, args.repeats) / 1e9
+    one_thread_throughput = sample_bytes / median_seconds(one_thread, args.repeats) / 1e9
 
     def revalidate() -> str:  # what fingerprint(model) does when the memo is current (no weight read)
         weights_signature(meta_model)
         return model_fingerprint(_config_json(meta_model), "0" * 64, str(torch.bfloat16), FORMAT_VERSION)
 
     revalidate()
-    revalidate_s = _timed(revalidate, max(args.repeats, 20))
-    signature_s = _timed(lambda: weights_signature(meta_model), max(args.repeats, 20))
+    revalidate_s = median_seconds(revalidate, max(args.repeats, 20))
+    signature_s = median_seconds(lambda: weights_signature(meta_model), max(args.repeats, 20))
 
     rows = [
         ("model", "Qwen2.5-VL-7B shape, bf16"),

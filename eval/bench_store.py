@@ -16,27 +16,18 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from statistics import median
 
 import torch
 from safetensors.torch import load_file
 
 from vlcache_hf.store.disk import SUFFIX, DiskTier
 from vlcache_hf.store.entry import StoredEntry
+from vlcache_hf.timing import median_seconds
 
 
 def _entries(count: int, mib: int) -> dict[str, StoredEntry]:
     numel = mib * 2**20 // 4
     return {f"kv-{i:064x}": StoredEntry({"kv": torch.randn(numel)}, {"kind": "kv"}) for i in range(count)}
-
-
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def bench_disk(entries: dict[str, StoredEntry], repeats: int) -> dict[str, float]:
@@ -46,11 +37,11 @@ def bench_disk(entries: dict[str, StoredEntry], repeats: int) -> dict[str, float
             tier.put(key, entry)
         total = sum(Path(path, f"{k}{SUFFIX}").stat().st_size for k in entries)
         # load_file memory-maps lazily; clone() makes it read the bytes, as our tier does
-        plain = _timed(
+        plain = median_seconds(
             lambda: [{n: t.clone() for n, t in load_file(str(Path(path, f"{k}{SUFFIX}"))).items()} for k in entries],
             repeats,
         )
-        ours = _timed(lambda: [tier.get(k) for k in entries], repeats)
+        ours = median_seconds(lambda: [tier.get(k) for k in entries], repeats)
     return {"bytes": total, "safetensors_load_file_gbps": total / plain / 1e9, "disk_tier_get_gbps": total / ours / 1e9}
 
 
@@ -74,8 +65,8 @@ def bench_redis(entries: dict[str, StoredEntry], repeats: int) -> dict[str, floa
                 time.sleep(0.05)
         tier = RedisTier(f"redis://127.0.0.1:{port}/0")
         total = sum(e.nbytes for e in entries.values())
-        put = _timed(lambda: [tier.put(k, e) for k, e in entries.items()], repeats)
-        get = _timed(lambda: [tier.get(k) for k in entries], repeats)
+        put = median_seconds(lambda: [tier.put(k, e) for k, e in entries.items()], repeats)
+        get = median_seconds(lambda: [tier.get(k) for k in entries], repeats)
         return {"bytes": total, "put_gbps": total / put / 1e9, "get_gbps": total / get / 1e9}
     finally:
         proc.terminate()

@@ -24,6 +24,16 @@ def time_first_token(model, inputs, cache=None) -> float:
     return time.perf_counter() - start
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn` (for micro-benchmarks of store and hashing work)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def summarize(samples: list[float]) -> dict[str, float]:
     """Median and spread (min, max) of repeated timings, in seconds."""
     ordered = sorted(samples)
