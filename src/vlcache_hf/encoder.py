@@ -24,10 +24,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .errors import EntryMismatchError
 from .models import ModelAdapter
 from .models.base import Modality
-from .store.entry import EncoderEntry
+from .store.entry import EncoderEntry, load_checked
 from .store.keys import (
     ENCODER_KIND,
     digest,
@@ -201,16 +200,8 @@ def _vision_dtype(adapter: ModelAdapter) -> torch.dtype:
     return next(adapter.vision_tower.parameters()).dtype
 
 
-def _load(store: Any, store_key: str, fingerprint: str, hidden: int, dtype: torch.dtype) -> EncoderEntry | None:
-    stored = store.get(store_key)
-    if stored is None:
-        return None
-    try:
-        return EncoderEntry.from_stored(stored, fingerprint, hidden, dtype, key=store_key)
-    except EntryMismatchError as err:
-        logger.warning("dropping encoder entry %s…: %s", store_key[:20], err)
-        store.discard(store_key)
-        return None
+def load_encoder_entry(store: Any, store_key: str, fingerprint: str, hidden: int, dtype: torch.dtype) -> EncoderEntry | None:
+    return load_checked(store, store_key, lambda stored, key: EncoderEntry.from_stored(stored, fingerprint, hidden, dtype, key=key))
 
 
 def item_keys(
@@ -257,7 +248,7 @@ def encode_items(
     hidden, dtype = adapter.hidden_size, _vision_dtype(adapter)
     store_keys = [entry_key(ENCODER_KIND, fingerprint, key) for key in keys]
 
-    entries = [_load(store, k, fingerprint, hidden, dtype) for k in store_keys]
+    entries = [load_encoder_entry(store, k, fingerprint, hidden, dtype) for k in store_keys]
     embeddings = [e.embeddings.to(device, non_blocking=True) if e is not None else None for e in entries]
     deepstack = [tuple(t.to(device, non_blocking=True) for t in e.deepstack) if e is not None else () for e in entries]
     missing = [i for i, entry in enumerate(entries) if entry is None]

@@ -34,10 +34,10 @@ from transformers.image_utils import is_valid_image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import encoder
-from .errors import EntryMismatchError, VLCacheError
+from .errors import VLCacheError
 from .fingerprint import fingerprint
 from .models import get_adapter
-from .store.entry import AliasEntry, EncoderEntry
+from .store.entry import AliasEntry, EncoderEntry, load_checked
 from .store.keys import ALIAS_KIND, ENCODER_KIND, entry_key, image_key_from_seen
 from .store.store import CacheStore
 
@@ -129,23 +129,14 @@ class VLCacheProcessor:
         without preprocessing; None when either is missing (an alias whose entry was evicted is a miss) or
         refused (another model, format or key: removed)."""
         alias_key = entry_key(ALIAS_KIND, model_fingerprint, raw_key)
-        stored = self.store.get(alias_key)
-        if stored is None:
+        alias = load_checked(self.store, alias_key, lambda stored, key: AliasEntry.from_stored(stored, model_fingerprint, key=key))
+        if alias is None:
             return None
-        try:
-            item_key = AliasEntry.from_stored(stored, model_fingerprint, key=alias_key).target
-        except EntryMismatchError:
-            self.store.discard(alias_key)
-            return None
+        item_key = alias.target
+        dtype = next(self.adapter.vision_tower.parameters()).dtype
         store_key = entry_key(ENCODER_KIND, model_fingerprint, item_key)
-        stored = self.store.get(store_key)
-        if stored is None:
-            return None
-        try:
-            dtype = next(self.adapter.vision_tower.parameters()).dtype
-            entry = EncoderEntry.from_stored(stored, model_fingerprint, self.adapter.hidden_size, dtype, key=store_key)
-        except EntryMismatchError:
-            self.store.discard(store_key)
+        entry = encoder.load_encoder_entry(self.store, store_key, model_fingerprint, self.adapter.hidden_size, dtype)
+        if entry is None:
             return None
         return item_key, entry
 

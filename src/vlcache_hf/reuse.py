@@ -21,26 +21,13 @@ from typing import TypeVar
 
 import torch
 
-from .errors import EntryMismatchError
 from .models import KVLayout
 from .plan import ImageSpan
-from .store.entry import KVEntry, StoredEntry
+from .store.entry import KVEntry, StoredEntry, load_checked
 from .store.keys import KV_KIND, PREFIX_KIND, entry_key
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def _load(store, key: str, parse: Callable[[StoredEntry, str], T]) -> T | None:
-    stored = store.get(key)
-    if stored is None:
-        return None
-    try:
-        return parse(stored, key)
-    except EntryMismatchError as err:
-        logger.warning("dropping store entry %s…: %s", key[:20], err)
-        store.discard(key)
-        return None
 
 
 def _parse_kv(fingerprint: str, layout: KVLayout, num_tokens: int) -> Callable[[StoredEntry, str], KVEntry]:
@@ -75,7 +62,7 @@ def load_prefix(
     """Entries of the longest run of stored chunks from the start of the prompt."""
     entries: list[KVEntry] = []
     for chunk_hash in chunk_hashes:
-        entry = _load(store, prefix_key(fingerprint, chunk_hash), _parse_kv(fingerprint, layout, chunk_size))
+        entry = load_checked(store, prefix_key(fingerprint, chunk_hash), _parse_kv(fingerprint, layout, chunk_size))
         if entry is None:
             break
         entries.append(entry)
@@ -85,11 +72,11 @@ def load_prefix(
 def load_image_kv(store, fingerprint: str, layout: KVLayout, span: ImageSpan, context: str) -> SpanHit | None:
     """The span's K/V computed in `context` if stored (exact), else any stored K/V of its content (moved)."""
     parse = _parse_kv(fingerprint, layout, span.length)
-    content = _load(store, image_kv_key(fingerprint, span.key), parse)
+    content = load_checked(store, image_kv_key(fingerprint, span.key), parse)
     if content is not None and content.context == context:
         return SpanHit(content, exact=True)
     key = image_context_key(fingerprint, span.key, context)
-    exact = _load(store, key, parse)
+    exact = load_checked(store, key, parse)
     if exact is not None and exact.context != context:  # the key names the context: a mismatch is corruption
         logger.warning("dropping store entry %s…: its context differs from its key's", key[:20])
         store.discard(key)

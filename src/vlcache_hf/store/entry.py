@@ -9,11 +9,17 @@ file copied or renamed onto another image's key is refused, not served).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import EntryMismatchError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT_VERSION = "1"
 
@@ -196,3 +202,18 @@ class AliasEntry:
         if not target or data.dtype != torch.uint8 or bytes(data.cpu().tolist()) != target.encode():
             raise EntryMismatchError("alias entry's target is missing or does not match its bytes")
         return cls(target)
+
+
+def load_checked(store: Any, key: str, parse: Callable[[StoredEntry, str], T]) -> T | None:
+    """The entry under `key`, parsed and validated by `parse(stored, key)`; None on a miss. An entry that
+    `parse` refuses (another model, format, shape or key: `EntryMismatchError`) is logged, removed from the
+    store and treated as a miss, so no reader ever uses it."""
+    stored = store.get(key)
+    if stored is None:
+        return None
+    try:
+        return parse(stored, key)
+    except EntryMismatchError as err:
+        logger.warning("dropping store entry %s…: %s", key[:20], err)
+        store.discard(key)
+        return None
