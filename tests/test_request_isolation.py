@@ -142,6 +142,37 @@ def test_threads_on_one_model_never_cross_stores(subject, reference, images):
     assert get_adapter(model).attention_config()._attn_implementation == "sdpa"
 
 
+def test_asyncio_tasks_on_one_model_keep_their_own_caches(subject, reference, images):
+    """Servers call `generate` from asyncio tasks via `asyncio.to_thread`, which copies the task's context into
+    the worker thread: each call must still see only the cache it was handed."""
+    import asyncio
+
+    model, processor = subject
+    workers = 3
+    inputs = [_inputs(processor, images, i) for i in range(workers)]
+    expected = [greedy(reference, x) for x in inputs]
+    stores = [CacheStore() for _ in range(workers)]
+
+    async def serve(worker: int):
+        caches = [VLCache(model, store=stores[worker], prefix_chunk_size=8) for _ in range(2)]  # made up front
+        outputs = []
+        for cache in caches:
+            outputs.append(await asyncio.to_thread(greedy, model, inputs[worker], cache))
+            await asyncio.sleep(0)  # let the other tasks' calls interleave with this one's
+        return outputs, [cache.report for cache in caches]
+
+    async def main():
+        return await asyncio.gather(*(serve(w) for w in range(workers)))
+
+    results = asyncio.run(main())
+    for worker, (outputs, reports) in enumerate(results):
+        assert (reports[0].encoder_misses, reports[1].encoder_hits) == (1, 1)
+        for output in outputs:
+            _assert_same(expected[worker], output)
+    encoder_keys = [_encoder_keys(store) for store in stores]
+    assert all(len(keys) == 1 for keys in encoder_keys) and len(set.union(*encoder_keys)) == workers
+
+
 class _FaultyStore(CacheStore):
     """A real in-memory store whose lookups or writes raise while `failing` is set (fault injection)."""
 

@@ -78,3 +78,83 @@ def test_two_stores_share_entries_through_redis(redis_url, images):
     ours = greedy(model, inputs, cache)
     assert cache.report.encoder_hits == 2 and cache.report.kv_hits == 2
     assert torch.equal(plain.sequences, ours.sequences)
+
+
+def _entry(nbytes: int, seed: int) -> StoredEntry:
+    """An entry of about `nbytes` (float32 payload), distinct per seed."""
+    return StoredEntry({"kv": torch.full((nbytes // 4,), float(seed))}, {"kind": "kv", "seed": str(seed)})
+
+
+def _manifest_bytes(tier) -> dict[str, int]:
+    """Bytes per stored entry, read from the manifests themselves (independent of the tier's account)."""
+    import json
+
+    names = [k for k in tier.client.scan_iter(f"{tier.prefix}*") if b":" not in k[len(tier.prefix) :] and b"__" not in k]
+    return {n.decode()[len(tier.prefix) :]: int(json.loads(raw)["bytes"]) for n, raw in zip(names, tier.client.mget(names), strict=True) if raw}
+
+
+def test_budget_evicts_least_recently_used(redis_url):
+    from vlcache_hf.store.redis_tier import RedisTier
+
+    tier = RedisTier(redis_url, prefix="lru:", budget_bytes=3 * 4300)  # room for three ~4.1 kB entries, not four
+    keys = [f"kv-{i:064x}" for i in range(5)]
+    for i in range(3):
+        tier.put(keys[i], _entry(4000, i))
+    assert tier.get(keys[0]) is not None  # 0 is now the most recently used; 1 is the oldest
+    tier.put(keys[3], _entry(4000, 3))
+    assert set(_manifest_bytes(tier)) == {keys[0], keys[2], keys[3]}
+    assert tier.get(keys[1]) is None and tier.get(keys[0]).metadata["seed"] == "0"
+    stats = tier.stats()
+    assert stats.entries == 3 and stats.bytes_used == sum(_manifest_bytes(tier).values()) <= 3 * 4300
+    assert stats.evictions == 1 and stats.byte_budget == 3 * 4300
+    tier.put(keys[3], _entry(4000, 33))  # a rewrite replaces, it is not counted twice
+    assert tier.stats().bytes_used == sum(_manifest_bytes(tier).values()) and tier.stats().entries == 3
+    assert tier.get(keys[3]).metadata["seed"] == "33"
+    tier.put(keys[4], _entry(20_000, 4))  # larger than the whole budget: not stored, nothing evicted for it
+    assert tier.get(keys[4]) is None and set(_manifest_bytes(tier)) == {keys[0], keys[2], keys[3]}
+    assert tier.evict(keys[0]) and not tier.evict(keys[0])
+    assert tier.stats().bytes_used == sum(_manifest_bytes(tier).values()) and tier.stats().entries == 2
+
+
+def _writer(url: str, worker: int, budget: int) -> None:
+    import random
+
+    from vlcache_hf.store.redis_tier import RedisTier
+
+    tier = RedisTier(url, prefix="shared:", budget_bytes=budget, chunk_bytes=3000)
+    rng = random.Random(worker)
+    for _ in range(60):
+        key = f"kv-{rng.randrange(40):064x}"
+        if rng.random() < 0.3:
+            got = tier.get(key)
+            assert got is None or got.tensors["kv"].numel() == int(got.metadata["size"]) // 4  # whole, not mixed
+        else:
+            size = rng.randrange(1000, 12_000)
+            tier.put(key, StoredEntry({"kv": torch.zeros(size // 4)}, {"kind": "kv", "size": str(size)}))
+
+
+def test_budget_holds_across_processes(redis_url):
+    import multiprocessing
+
+    from vlcache_hf.store.redis_tier import RedisTier
+
+    budget = 40_000
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_writer, args=(redis_url, w, budget)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    tier = RedisTier(redis_url, prefix="shared:", budget_bytes=budget)
+    actual = _manifest_bytes(tier)
+    assert 0 < sum(actual.values()) <= budget
+    assert tier.stats().bytes_used == sum(actual.values()) and tier.stats().entries == len(actual)
+    assert budget - 12_500 < tier.peak_bytes() <= budget  # it filled up, and never held more than the budget
+    for key in actual:
+        assert tier.get(key) is not None
+
+
+def test_redis_budget_needs_redis():
+    with pytest.raises(VLCacheError, match="redis_budget"):
+        CacheStore(redis_budget="1MiB")

@@ -164,3 +164,42 @@ def test_finished_training_exports_a_loadable_float16_model(tmp_path):
     log = json.loads((results / "train_deep_vqa.json").read_text())
     assert log["step"] == 2 and set(log["test_accuracy"]) >= {"all", synthetic.TWO_HOP}
     assert (results / "train_deep_vqa_loss.png").stat().st_size > 0
+
+
+def _item(scenes: tuple[Scene, ...], backward: bool = False) -> Item:
+    return Item(scenes, "", backward, "color", "What color is the shape in the first image?", "", "", (0,))
+
+
+def test_questions_about_an_item_are_every_answerable_question():
+    """Hand-counted: three distinct pictures give 3 colour + 3 shape + 3 which + 2 two-hop + 3 same-colour
+    questions; the answers below are read off the scenes by hand."""
+    red_circle, blue_square, red_triangle = Scene("red", "circle", 1, ()), Scene("blue", "square", 1, ()), Scene("red", "triangle", 1, ())
+    questions = synthetic.questions_about(_item((red_circle, blue_square, red_triangle)), synthetic.DEEP_QUESTION_KINDS)
+    assert Counter(q.kind for q in questions) == {"color": 3, "shape": 3, "which": 3, synthetic.TWO_HOP: 2, "same_color": 3}
+    answers = {q.question: q.answer for q in questions}
+    assert answers["What color is the shape in the second image?"] == "blue"
+    assert answers["What shape is in the third image?"] == "triangle"
+    assert answers["Which image shows a red triangle?"] == "third"
+    assert answers["What color is the shape in the image right after the one showing a blue square?"] == "red"
+    assert answers["Do the first image and the third image have the same color?"] == "yes"
+    assert answers["Do the first image and the second image have the same color?"] == "no"
+    # numbered from the end: "first" is the last picture
+    backward = {q.question: q.answer for q in synthetic.questions_about(_item((red_circle, blue_square, red_triangle), True))}
+    assert backward["What shape is in the first image?"] == "triangle" and backward["Which image shows a red circle?"] == "third"
+    # a picture shown twice can be named by position only; the default kinds have no two-hop
+    twice = synthetic.questions_about(_item((red_circle, blue_square, red_circle)))
+    assert Counter(q.kind for q in twice) == {"color": 3, "shape": 3, "which": 1, "same_color": 3}
+
+
+def test_follow_up_questions_are_labelled_answer_by_answer():
+    """Training asks follow-up questions as later chat turns; every answer token and its <|im_end|> is labelled,
+    nothing else (the label positions are found in the token ids, independently of how the text was built)."""
+    train = _train_deep()
+    processor = train.build_processor()
+    batcher = train.Batcher(processor)
+    items = train.train_items(3000, 3, 4000)
+    follow_ups = [train.follow_up_questions(item, 6, i) for i, item in enumerate(items)]
+    assert all(len(extra) == 6 and len({q.question for q in extra} | {item.question}) == 7 for item, extra in zip(items, follow_ups, strict=True))
+    batcher.check_against_processor(items, follow_ups)
+    inputs = batcher(train.build_model(0, len(processor.tokenizer)), items, with_answer=True, follow_ups=follow_ups)
+    assert int((inputs["labels"] != -100).sum()) == 3 * 7 * 2

@@ -287,6 +287,37 @@ def make_item(
     return Item(**{**item.__dict__, "answer": solve(item)})
 
 
+def questions_about(item: Item, kinds: tuple[str, ...] = QUESTION_KINDS) -> list[Item]:
+    """Every question of `kinds` that has one answer about the item's pictures (same scenes,
+    preamble and numbering), each answered by `solve`.
+
+    Training asks several of them after one set of pictures (follow-up chat turns): the pictures cost most
+    of a sequence, so extra questions multiply the supervision per forward pass for a few tokens each.
+    """
+    scenes, count = item.scenes, len(item.scenes)
+    drafts: list[tuple[str, str, tuple[int, ...]]] = []
+    for display, scene in enumerate(scenes):
+        name = _name(display, count, item.backward)
+        drafts.append(("color", f"What color is the shape in the {name} image?", (display,)))
+        drafts.append(("shape", f"What shape is in the {name} image?", (display,)))
+        unique = sum(s.color == scene.color and s.shape == scene.shape for s in scenes) == 1
+        if unique:
+            drafts.append(("which", f"Which image shows a {scene.color} {scene.shape}?", (display,)))
+            if display + 1 < count:
+                question = f"What color is the shape in the image right after the one showing a {scene.color} {scene.shape}?"
+                drafts.append((TWO_HOP, question, (display, display + 1)))
+    for first in range(count):
+        for second in range(first + 1, count):
+            names = [_name(i, count, item.backward) for i in (first, second)]
+            drafts.append(("same_color", f"Do the {names[0]} image and the {names[1]} image have the same color?", (first, second)))
+    questions = []
+    for kind, question, refs in drafts:
+        if kind in kinds:
+            draft = Item(scenes, item.preamble, item.backward, kind, question, item.instruction, "", refs)
+            questions.append(Item(**{**draft.__dict__, "answer": solve(draft)}))
+    return questions
+
+
 def make_split(split: str, size: int, max_images: int | None = None, variant: str | TaskSpec = "default") -> list[Item]:
     """The first `size` items of a split ('train', 'validation' or 'test') of the task `variant`."""
     if split not in SPLIT_SEEDS:

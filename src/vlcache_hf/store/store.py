@@ -94,6 +94,7 @@ class CacheStore:
         disk_budget: int | str = "50GiB",
         disk_mode: int | None = None,
         redis: str | None = None,
+        redis_budget: int | str | None = None,
         retry_after: float = 1.0,
         max_retry_after: float = 60.0,
     ):
@@ -101,7 +102,8 @@ class CacheStore:
         `CacheStore(gpu="2GiB", cpu="8GiB", disk="~/.cache/vlcache", redis="redis://127.0.0.1:6379/0")`.
 
         `disk_mode=0o660` (or 0o664) creates the disk tier's files, lock and directory group-accessible, so
-        several Unix users can share it; default private (0o600). A failing tier is skipped for `retry_after`
+        several Unix users can share it; default private (0o600). `redis_budget` caps the bytes all processes
+        sharing the Redis server keep there (LRU eviction, enforced atomically; set it below `maxmemory`). A failing tier is skipped for `retry_after`
         seconds, doubling per consecutive failure up to `max_retry_after`.
         """
         if retry_after < 0 or max_retry_after < retry_after:
@@ -122,7 +124,9 @@ class CacheStore:
         if redis is not None:
             from .redis_tier import RedisTier
 
-            built.append(RedisTier(redis))
+            built.append(RedisTier(redis, budget_bytes=None if redis_budget is None else parse_bytes(redis_budget)))
+        elif redis_budget is not None:
+            raise VLCacheError("redis_budget is a setting of the Redis tier: give redis=... too")
         self.tiers = built or [MemoryTier(DEFAULT_MEMORY_BUDGET)]
         self.retry_after, self.max_retry_after = float(retry_after), float(max_retry_after)
         self._health = [TierHealth() for _ in self.tiers]
@@ -131,7 +135,7 @@ class CacheStore:
     @classmethod
     def from_config(cls, config: dict) -> CacheStore:
         """A store from a dict such as `{"cpu": "8GiB", "disk": "/data/vlcache", "redis": "redis://..."}`."""
-        allowed = {"gpu", "cpu", "disk", "disk_budget", "disk_mode", "redis", "retry_after", "max_retry_after"}
+        allowed = {"gpu", "cpu", "disk", "disk_budget", "disk_mode", "redis", "redis_budget", "retry_after", "max_retry_after"}
         unknown = set(config) - allowed
         if unknown:
             raise VLCacheError(f"unknown CacheStore settings {sorted(unknown)}; use {sorted(allowed)}")
