@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from vlcache_hf.attention import attention_mask_for
 from vlcache_hf.cache import VLCacheLayer
-from vlcache_hf.prefill import attention_mask_for, normalise_set
+from vlcache_hf.prefill import normalise_set
 
 
 def test_scatter_write_then_append():

@@ -75,3 +75,20 @@ def test_store_none_is_the_shared_default(models):
     model = models()[0]
     first, second = VLCache(model), VLCache(model, store=None)
     assert isinstance(first.store, CacheStore) and first.store is second.store
+
+
+def test_recompute_ratio_has_one_home(models):
+    """The policy owns `recompute_ratio`: a policy instance's ratio is the cache's, a name takes the argument,
+    and a different ratio beside an instance is refused instead of silently ignored."""
+    from vlcache_hf.selection import VLCachePolicy
+
+    model, _ = models()
+    by_instance = VLCache(model, policy=VLCachePolicy(0.05), store=CacheStore())
+    assert by_instance.recompute_ratio == 0.05 and "recompute_ratio=0.05" in repr(by_instance)
+    assert VLCache(model, policy=VLCachePolicy(0.05), recompute_ratio=0.05, store=CacheStore()).recompute_ratio == 0.05
+    assert VLCache(model, policy="first_k", recompute_ratio=0.1, store=CacheStore()).policy.recompute_ratio == 0.1
+    assert VLCache(model, policy="first_k", store=CacheStore()).recompute_ratio == 0.0
+    with pytest.raises(VLCacheError, match="conflicts with"):
+        VLCache(model, policy=VLCachePolicy(0.05), recompute_ratio=0.2, store=CacheStore())
+    with pytest.raises(AttributeError):
+        by_instance.settings.publish = False  # frozen: settings are fixed when the cache is made

@@ -131,10 +131,10 @@ FRESH = [0, 1, 2, 3, 12, 13, 18, 19]
 MOVED = [*range(4, 12), *range(14, 18)]
 
 
-def _context(ratio: float, num_layers: int = 4) -> SelectionContext:
+def _context(num_layers: int = 4) -> SelectionContext:
     fresh = torch.zeros(20, dtype=torch.bool)
     fresh[FRESH] = True
-    return SelectionContext(20, num_layers, fresh, (ReusedSpan(4, 12), ReusedSpan(14, 18)), ratio)
+    return SelectionContext(20, num_layers, fresh, (ReusedSpan(4, 12), ReusedSpan(14, 18)))
 
 
 def _observation(layer_idx: int, current: torch.Tensor, key_diff: dict[int, float], value_diff: dict[int, float]):
@@ -155,12 +155,12 @@ def _sorted(indices: torch.Tensor) -> list[int]:
 
 def test_first_k_picks_the_first_tokens_of_each_span_in_proportion():
     # 0.25 × 12 moved = 3 tokens, split 8 : 4 → 2 from the first span, 1 from the second
-    chosen = FirstTokensPolicy(0.25).initial_set(_context(0.25))
+    chosen = FirstTokensPolicy(0.25).initial_set(_context())
     assert _sorted(chosen) == sorted(FRESH + [4, 5, 14])
 
 
 def test_random_is_seeded_sized_and_within_the_moved_tokens():
-    ctx = _context(0.25)
+    ctx = _context()
     a, b = RandomPolicy(0.25, seed=0).initial_set(ctx), RandomPolicy(0.25, seed=0).initial_set(ctx)
     other = RandomPolicy(0.25, seed=1).initial_set(ctx)
     assert torch.equal(a, b)  # deterministic for a seed
@@ -172,7 +172,7 @@ def test_random_is_seeded_sized_and_within_the_moved_tokens():
 
 
 def test_cacheblend_keeps_the_largest_value_deviations_from_layer_two():
-    ctx = _context(0.25)
+    ctx = _context()
     policy = CacheBlendPolicy(0.25)
     current = torch.tensor(sorted(policy.initial_set(ctx).tolist()))
     assert current.tolist() == list(range(20))  # every moved token at layers 0 and 1
@@ -191,14 +191,14 @@ def _profiled_vlcache(ratio: float) -> VLCachePolicy:
 
 def test_vlcache_starts_with_the_earliest_tokens_of_every_span():
     policy = _profiled_vlcache(0.25)
-    chosen = policy.initial_set(_context(0.25))
+    chosen = policy.initial_set(_context())
     assert policy.last_budgets == [4, 4, 2, 2]
     # relative offsets: 4 → 0, 14 → 0, 5 → 1/8, then 6 and 15 tie at 1/4 and the earlier token wins
     assert _sorted(chosen) == sorted(FRESH + [4, 5, 6, 14])
 
 
 def test_vlcache_keeps_the_largest_deviation_weighted_by_what_follows():
-    ctx = _context(0.25)
+    ctx = _context()
     policy = _profiled_vlcache(0.25)
     current = torch.tensor(sorted(policy.initial_set(ctx).tolist()))
     assert policy.after_layer(0, ctx, current, _observation(0, current, {}, {})) is current  # budget 4 → 4

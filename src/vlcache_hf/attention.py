@@ -9,17 +9,26 @@ A model loaded with `attn_implementation="eager"` keeps its own eager kernel (it
 `eager_attention_forward`, fed our mask as the additive float mask eager masks are), so its prefill rounds as
 the model's own does: in bf16/fp16 SDPA and eager round differently by up to one unit in the last place.
 The model's own implementation still serves the last prompt token and every decoding step.
-Masks carry every restriction (causality by prompt position, padding, sliding windows: see `prefill.py`), so
-the `sliding_window` argument the model passes is not needed here.
+Masks carry every restriction (causality by prompt position, padding, sliding windows), so the
+`sliding_window` argument the model passes is not needed here.
+
+The seam: a `SelectiveAttentionBackend` owns both halves of this attention — `plan` builds its per-layer
+metadata once per recompute set and window (today a dense boolean [queries, keys] mask), and `attend` runs
+the kernel with it. The layer loop hands the metadata through the model's decoder layer as its
+`attention_mask` argument, so a backend may use any form: a CUDA FlashAttention-2 varlen backend would plan
+`cu_seqlens` and per-query key lengths instead of a mask, a block-sparse one its block list. Register one with
+`register_backend`; `backend_for` chooses per device and attention implementation.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, ClassVar
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -45,36 +54,110 @@ def _eager_attention(module, query, key, value, attention_mask, dropout, scaling
     return output, None
 
 
+def attention_mask_for(
+    query_idx: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None, window: int | None = None
+) -> torch.Tensor | None:
+    """Bool mask [1, 1, q, num_keys] letting query i (at prompt position query_idx[i]) see keys 0..query_idx[i],
+    or only the last `window` of them (query_idx[i] - window < j) on a sliding-window layer.
+
+    `None` when the set is the whole prompt without padding and no window cuts into it: plain causal attention.
+    """
+    windowed = window is not None and window < num_keys
+    if query_idx.numel() == num_keys and key_padding is None and not windowed:
+        return None
+    keys = torch.arange(num_keys, device=query_idx.device)
+    allowed = keys[None, :] <= query_idx[:, None]
+    if windowed:
+        allowed &= keys[None, :] > query_idx[:, None] - window
+    if key_padding is not None:
+        allowed &= key_padding[None, :] | (keys[None, :] == query_idx[:, None])
+    return allowed[None, None]
+
+
+class SelectiveAttentionBackend(ABC):
+    """Attention of the recompute set's queries (at arbitrary prompt positions) over the full-length K/V."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def plan(self, query_idx: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None, window: int | None) -> Any:
+        """Metadata for `attend` on one layer: query i sits at prompt position `query_idx[i]` and may see keys
+        up to it (only the last `window` on a sliding-window layer), never a padded key (`key_padding` False)."""
+
+    @abstractmethod
+    def attend(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        plan: Any, dropout: float, scaling: float | None,
+    ) -> torch.Tensor:
+        """[batch, q, heads, head_dim] attention output for query [batch, heads, q, d] over key/value
+        [batch, kv_heads, num_keys, d] (grouped-query attention: kv_heads divides heads)."""
+
+
+class DenseMaskSDPA(SelectiveAttentionBackend):
+    """A dense boolean mask and PyTorch SDPA: native grouped-query attention on CPU; on CUDA the
+    memory-efficient kernel (which takes masks), K/V repeated per group. A model loaded with eager attention
+    keeps its family's eager kernel (same rounding as its own prefill)."""
+
+    name = "dense-sdpa"
+
+    def plan(self, query_idx, num_keys, key_padding, window):
+        return attention_mask_for(query_idx, num_keys, key_padding, window)
+
+    def attend(self, module, query, key, value, plan, dropout, scaling):
+        if _replaced.get() == "eager":
+            eager = _eager_attention(module, query, key, value, plan, dropout, scaling)
+            if eager is not None:
+                return eager[0]
+        groups = query.shape[1] // key.shape[1]
+        native_gqa = groups > 1 and (query.device.type != "cuda" or plan is None)
+        if groups > 1 and not native_gqa:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        output = scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=plan,
+            is_causal=plan is None and query.shape[2] > 1,
+            scale=scaling,
+            enable_gqa=native_gqa,
+        )
+        return output.transpose(1, 2).contiguous()
+
+
+#: selective-attention backends by name; `backend_for` picks among them
+BACKENDS: dict[str, SelectiveAttentionBackend] = {DenseMaskSDPA.name: DenseMaskSDPA()}
+#: the backend of the selective prefill running in this context
+_active: ContextVar[SelectiveAttentionBackend | None] = ContextVar("vlcache_attention_backend", default=None)
+
+
+def register_backend(backend: SelectiveAttentionBackend) -> SelectiveAttentionBackend:
+    """Make a backend available by its `name` (e.g. a CUDA varlen kernel); `backend_for` may then choose it."""
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_for(device: torch.device, attn_implementation: str | None) -> SelectiveAttentionBackend:
+    """The backend for a prefill on `device` of a model configured with `attn_implementation`. Today every
+    case is served by the dense-mask SDPA backend; a varlen FlashAttention-2 backend would be chosen here for
+    CUDA models loaded with `flash_attention_2`."""
+    return BACKENDS[DenseMaskSDPA.name]
+
+
 def selective_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: Any,
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA over full-length K/V. `attention_mask` is bool [1, 1, q, kv] (True = visible) or None (causal, q == kv)."""
-    if _replaced.get() == "eager":
-        eager = _eager_attention(module, query, key, value, attention_mask, dropout, scaling)
-        if eager is not None:
-            return eager
-    groups = query.shape[1] // key.shape[1]
-    native_gqa = groups > 1 and (query.device.type != "cuda" or attention_mask is None)
-    if groups > 1 and not native_gqa:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    output = scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        is_causal=attention_mask is None and query.shape[2] > 1,
-        scale=scaling,
-        enable_gqa=native_gqa,
-    )
-    return output.transpose(1, 2).contiguous(), None
+    """The function registered with transformers' `AttentionInterface`: `attention_mask` is the active
+    backend's plan for this layer (handed through the decoder layer unchanged)."""
+    backend = _active.get() or BACKENDS[DenseMaskSDPA.name]
+    return backend.attend(module, query, key, value, attention_mask, dropout, scaling), None
 
 
 AttentionInterface.register(SELECTIVE_ATTENTION, selective_attention)
@@ -86,8 +169,8 @@ _switched: dict[int, tuple[str, int]] = {}
 
 
 @contextmanager
-def selective_attention_enabled(attention_config) -> Iterator[None]:
-    """Route the decoder's attention through `selective_attention` for the duration of the block.
+def selective_attention_enabled(attention_config, backend: SelectiveAttentionBackend) -> Iterator[None]:
+    """Route the decoder's attention through `backend` (via `selective_attention`) for the duration of the block.
 
     Counted per config, so prefills overlapping in several threads restore the model's own implementation
     when the last one ends (each saving "the previous value" would leave the model switched for good).
@@ -96,10 +179,11 @@ def selective_attention_enabled(attention_config) -> Iterator[None]:
         own, running = _switched.get(id(attention_config), (attention_config._attn_implementation, 0))
         _switched[id(attention_config)] = (own, running + 1)
         attention_config._attn_implementation = SELECTIVE_ATTENTION
-    token = _replaced.set(own)
+    token, backend_token = _replaced.set(own), _active.set(backend)
     try:
         yield
     finally:
+        _active.reset(backend_token)
         _replaced.reset(token)
         with _switch_lock:
             own, running = _switched.pop(id(attention_config))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -119,6 +120,17 @@ class VLCacheLayer(DynamicLayer):
         super().reset()
 
 
+@dataclass(frozen=True)
+class RequestSettings:
+    """What one request asks of the engine, fixed when its `VLCache` is made. The engine reads these and the
+    cache's runtime parts (model adapter, store, fingerprint, layers, report) — nothing else."""
+
+    policy: SelectionPolicy  # owns `recompute_ratio`
+    prefix_chunk_size: int
+    publish: bool
+    profile: LayerProfile | None
+
+
 class VLCache(Cache):
     """One request's KV cache, filled from (and published to) a shared `CacheStore`.
 
@@ -127,7 +139,8 @@ class VLCache(Cache):
         store: where encoder outputs and K/V live across requests; defaults to one process-wide in-memory store.
         policy: `"none"` (reuse stored K/V, recompute only what is missing), `"full"` (recompute every token,
             reuse only encoder outputs), or any registered `SelectionPolicy` name or instance.
-        recompute_ratio: share of reused non-prefix tokens to recompute, in [0, 1] (used by selective policies).
+        recompute_ratio: share of reused non-prefix tokens to recompute, in [0, 1], for a policy given by name
+            (default 0). A policy instance carries its own; giving a different one here too is an error.
         prefix_chunk_size: granularity, in tokens, of exact prefix reuse.
         publish: write this request's new encoder outputs and K/V to the store.
         profile: a `LayerProfile` (or the path of its JSON) from `vlcache_hf.calibrate` for this model; it sets
@@ -139,14 +152,14 @@ class VLCache(Cache):
     """
 
     # shared, not copied, by `copy.deepcopy`: the model and what belongs to it, the store, the settings
-    _SHARED = frozenset({"model", "adapter", "store", "policy", "profile", "fingerprint"})
+    _SHARED = frozenset({"model", "adapter", "store", "settings", "fingerprint"})
 
     def __init__(
         self,
         model: nn.Module,
         store: CacheStore | None = None,
         policy: str | SelectionPolicy = "none",
-        recompute_ratio: float = 0.0,
+        recompute_ratio: float | None = None,
         prefix_chunk_size: int = DEFAULT_PREFIX_CHUNK,
         publish: bool = True,
         profile: LayerProfile | str | None = None,
@@ -159,21 +172,38 @@ class VLCache(Cache):
             profile = LayerProfile.load(profile)
         if profile is not None:
             profile.check_model(self.fingerprint, self.adapter.kv_layout.num_layers)
-        self.profile = profile
-        self.policy = make_policy(policy, recompute_ratio, profile=profile)
-        if not isinstance(prefix_chunk_size, int) or prefix_chunk_size < 1:
+        if not isinstance(prefix_chunk_size, int) or isinstance(prefix_chunk_size, bool) or prefix_chunk_size < 1:
             raise ValueError(f"prefix_chunk_size must be a positive int, got {prefix_chunk_size!r}")
+        self.settings = RequestSettings(make_policy(policy, recompute_ratio, profile=profile), prefix_chunk_size, bool(publish), profile)
         self.model = model
         self.store = _checked_store(store)
-        self.recompute_ratio = float(recompute_ratio)
-        self.prefix_chunk_size = prefix_chunk_size
-        self.publish = publish
         self.report: PrefillReport | None = None
         self.is_prefilled = False
         self.pending_entries: list[tuple[str, Any]] = []  # encoder entries published once the prefill succeeds
         super().__init__(layers=[VLCacheLayer() for _ in range(self.adapter.kv_layout.num_layers)])
         hook.install(model)
         encoder.install(self.adapter)
+
+    # read-only views of the settings (one home each)
+    @property
+    def policy(self) -> SelectionPolicy:
+        return self.settings.policy
+
+    @property
+    def recompute_ratio(self) -> float:
+        return self.settings.policy.recompute_ratio
+
+    @property
+    def prefix_chunk_size(self) -> int:
+        return self.settings.prefix_chunk_size
+
+    @property
+    def publish(self) -> bool:
+        return self.settings.publish
+
+    @property
+    def profile(self) -> LayerProfile | None:
+        return self.settings.profile
 
     def mark_prefilled(self) -> None:
         self.is_prefilled = True

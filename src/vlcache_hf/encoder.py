@@ -191,7 +191,7 @@ def install(adapter: ModelAdapter) -> None:
 def publish_pending(cache: Any) -> None:
     """Write the encoder entries a request computed, once its prefill succeeded (and if it publishes)."""
     entries, cache.pending_entries[:] = list(cache.pending_entries), []
-    if cache.publish:
+    if cache.settings.publish:
         for key, stored in entries:
             cache.store.put(key, stored)
 

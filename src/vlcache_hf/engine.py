@@ -103,10 +103,11 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     """Fill `cache` with all prompt tokens but the last `keep`; return kwargs for the model's forward over those
     (`keep` > 1 when the caller needs their logits: assisted decoding's candidates, `logits_to_keep`)."""
     start = time.perf_counter()
-    adapter, store, fp, policy = cache.adapter, cache.store, cache.fingerprint, cache.policy
+    settings = cache.settings
+    adapter, store, fp, policy = cache.adapter, cache.store, cache.fingerprint, settings.policy
     input_ids = _input_ids(args, kwargs)
     device, total, layout = input_ids.device, input_ids.shape[1], adapter.kv_layout
-    num_tokens, chunk = total - keep, cache.prefix_chunk_size
+    num_tokens, chunk = total - keep, settings.prefix_chunk_size
     timings = PrefillTimings()
 
     features, spans = _visual_features(cache, kwargs, input_ids)
@@ -154,7 +155,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     with torch.no_grad():
         embeds = _embeddings(cache, input_ids, spans, features)
         cos, sin = adapter.rotary_cos_sin(embeds, positions)
-        ctx = SelectionContext(num_tokens, layout.num_layers, plan.fresh_mask, plan.moved_spans, cache.recompute_ratio)
+        ctx = SelectionContext(num_tokens, layout.num_layers, plan.fresh_mask, plan.moved_spans)
         injections = adapter.layer_injections(spans, features, embeds[:, :num_tokens])
         mask = kwargs.get("attention_mask")
         key_padding = None if mask is None or bool(mask.all()) else mask[0, :num_tokens].bool()
@@ -168,7 +169,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
 
     # 4. publish what this request computed
     tick = time.perf_counter()
-    if cache.publish and num_tokens > 0 and base_rope:
+    if settings.publish and num_tokens > 0 and base_rope:
         layer_buffers = [(layer.keys, layer.values) for layer in cache.layers]
         exact_until = plan.exact_until  # K/V after a moved (approximate) part is approximate too
         publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, len(prefix_entries), exact_until)
@@ -218,7 +219,7 @@ def plain_prefill(cache, args: tuple, kwargs: dict[str, Any], reason: str) -> No
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get(modality.name)
         hits += getattr(getattr(encoded, encoder.FEATURES_ATTR, None), "hits", [])
     cache.report = PrefillReport(
-        policy=cache.policy.name,
+        policy=cache.settings.policy.name,
         total_tokens=total,
         reused_tokens=0,
         prefix_tokens=0,

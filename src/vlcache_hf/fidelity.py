@@ -81,7 +81,7 @@ def run_probe(
     inputs,
     store: CacheStore,
     policy: str | SelectionPolicy,
-    recompute_ratio: float = 0.0,
+    recompute_ratio: float | None = None,
     profile: LayerProfile | None = None,
     max_new_tokens: int = 1,
 ) -> ProbeOutput:

@@ -3,15 +3,16 @@
 Queries are the recompute tokens; keys/values are the whole prompt's buffers, which start out holding the
 reused K/V and receive the fresh K/V of each layer's recompute set as the layer runs (`VLCacheLayer` does
 the scatter write). The causal mask is built by position in the full sequence (and windowed on the layers the
-model windows, see `LayerMasks`). With the recompute set = all tokens this is the model's own prefill; with a
-2 % set a layer costs about 2 % of its full prefill.
+model windows, see `LayerPlans`); how that attention runs is the `SelectiveAttentionBackend`'s business
+(`attention.py`). With the recompute set = all tokens this is the model's own prefill; with a 2 % set a layer
+costs about 2 % of its full prefill.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import selective_attention_enabled
+from .attention import SelectiveAttentionBackend, backend_for, selective_attention_enabled
 from .models import KVLayout, ModelAdapter
 from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
@@ -64,46 +65,27 @@ def fill_moved(
     buffers[:, 1, 0, :, start:end] = kv[:, 1]
 
 
-def attention_mask_for(
-    query_idx: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None, window: int | None = None
-) -> torch.Tensor | None:
-    """Bool mask [1, 1, q, num_keys] letting query i (at prompt position query_idx[i]) see keys 0..query_idx[i],
-    or only the last `window` of them (query_idx[i] - window < j) on a sliding-window layer.
-
-    `None` when the set is the whole prompt without padding and no window cuts into it: plain causal attention.
-    """
-    windowed = window is not None and window < num_keys
-    if query_idx.numel() == num_keys and key_padding is None and not windowed:
-        return None
-    keys = torch.arange(num_keys, device=query_idx.device)
-    allowed = keys[None, :] <= query_idx[:, None]
-    if windowed:
-        allowed &= keys[None, :] > query_idx[:, None] - window
-    if key_padding is not None:
-        allowed &= key_padding[None, :] | (keys[None, :] == query_idx[:, None])
-    return allowed[None, None]
-
-
-class LayerMasks:
-    """The attention mask of each decoder layer for the current recompute set, built once per distinct window.
+class LayerPlans:
+    """The attention backend's plan (its mask or metadata) for each decoder layer and the current recompute
+    set, built once per distinct window.
 
     Layers differ only by their sliding window (`ModelAdapter.attention_window`); a new recompute set
-    (`reset`) drops the masks built for the previous one.
+    (`reset`) drops the plans built for the previous one.
     """
 
-    def __init__(self, adapter: ModelAdapter, num_tokens: int, key_padding: torch.Tensor | None):
+    def __init__(self, adapter: ModelAdapter, num_tokens: int, key_padding: torch.Tensor | None, backend: SelectiveAttentionBackend):
         self._windows = [adapter.attention_window(i) for i in range(len(adapter.decoder_layers))]
-        self._num_tokens, self._key_padding = num_tokens, key_padding
+        self._num_tokens, self._key_padding, self._backend = num_tokens, key_padding, backend
         self._query_idx: torch.Tensor | None = None
-        self._built: dict[int | None, torch.Tensor | None] = {}
+        self._built: dict[int | None, object] = {}
 
     def reset(self, query_idx: torch.Tensor) -> None:
         self._query_idx, self._built = query_idx, {}
 
-    def for_layer(self, layer_idx: int) -> torch.Tensor | None:
+    def for_layer(self, layer_idx: int) -> object:
         window = self._windows[layer_idx]
         if window not in self._built:
-            self._built[window] = attention_mask_for(self._query_idx, self._num_tokens, self._key_padding, window)
+            self._built[window] = self._backend.plan(self._query_idx, self._num_tokens, self._key_padding, window)
         return self._built[window]
 
 
@@ -135,17 +117,19 @@ def run_layers(
     fresh = ctx.fresh_indices
     current = normalise_set(policy.initial_set(ctx), None, fresh)
     hidden = embeddings[:, current]
-    masks = LayerMasks(adapter, ctx.num_tokens, key_padding)
-    masks.reset(current)
+    attention_config = adapter.attention_config()
+    backend = backend_for(embeddings.device, attention_config._attn_implementation)
+    plans = LayerPlans(adapter, ctx.num_tokens, key_padding, backend)
+    plans.reset(current)
     counts: list[int] = []
-    with selective_attention_enabled(adapter.attention_config()):
+    with selective_attention_enabled(attention_config, backend):
         for layer_idx in range(ctx.num_layers):
             if current.numel() == 0:  # nested sets: nothing deeper either
                 return counts + [0] * (ctx.num_layers - layer_idx)
             layer_cache = cache.layers[layer_idx]
             layer_cache.begin_write(current, capture_previous=policy.needs_observation)
-            mask = masks.for_layer(layer_idx)
-            hidden = adapter.run_decoder_layer(layer_idx, hidden, mask, (cos[:, current], sin[:, current]), cache)
+            plan = plans.for_layer(layer_idx)
+            hidden = adapter.run_decoder_layer(layer_idx, hidden, plan, (cos[:, current], sin[:, current]), cache)
             if layer_idx in injections:
                 hidden = hidden + injections[layer_idx][:, current].to(hidden.dtype)
             observation = layer_cache.end_write(layer_idx)
@@ -157,5 +141,5 @@ def run_layers(
                 proposed = normalise_set(proposed, current, fresh)
                 hidden = hidden[:, torch.searchsorted(current, proposed)]
                 current = proposed
-                masks.reset(current)
+                plans.reset(current)
     return counts

@@ -23,12 +23,23 @@ def register_policy(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
 
 
 def make_policy(
-    policy: str | SelectionPolicy, recompute_ratio: float, profile: LayerProfile | None = None
+    policy: str | SelectionPolicy, recompute_ratio: float | None = None, profile: LayerProfile | None = None
 ) -> SelectionPolicy:
     """A policy instance from a name or an instance; clear error for unknown names or bad ratios.
 
+    The policy is the one home of `recompute_ratio`: a name is built with `recompute_ratio` (default 0); an
+    instance keeps its own, and a different `recompute_ratio` given beside it is refused rather than ignored.
     `profile` goes to policies with layer-aware budgets (those whose constructor takes `profile`).
     """
+    if isinstance(policy, SelectionPolicy):
+        if recompute_ratio is not None and float(recompute_ratio) != float(policy.recompute_ratio):
+            raise VLCacheError(
+                f"recompute_ratio={recompute_ratio} conflicts with the {policy.name!r} policy instance's "
+                f"recompute_ratio={policy.recompute_ratio}; set it on the policy only"
+            )
+        recompute_ratio = policy.recompute_ratio
+    if recompute_ratio is None:
+        recompute_ratio = 0.0
     if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)):
         raise VLCacheError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}")
     if not 0.0 <= float(recompute_ratio) <= 1.0:

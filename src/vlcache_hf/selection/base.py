@@ -36,7 +36,6 @@ class SelectionContext:
     num_layers: int
     fresh_mask: torch.Tensor  # bool [num_tokens]: tokens with no stored K/V, always recomputed
     moved_spans: tuple[ReusedSpan, ...]  # approximate reuse: candidates for recomputation
-    recompute_ratio: float  # share of moved tokens to recompute, averaged over layers
 
     @property
     def fresh_indices(self) -> torch.Tensor:
@@ -75,6 +74,8 @@ class SelectionPolicy(ABC):
     reuses_kv: ClassVar[bool] = True
 
     def __init__(self, recompute_ratio: float = 0.0):
+        #: share of moved tokens to recompute, averaged over layers: the one home of this setting
+        #: (`VLCache.recompute_ratio` reads it from here)
         self.recompute_ratio = recompute_ratio
 
     @abstractmethod
