@@ -21,6 +21,7 @@ import blake3
 import torch
 from torch import nn
 
+from .errors import VLCacheError
 from .store.entry import FORMAT_VERSION
 from .store.keys import model_fingerprint, tensor_parts
 
@@ -50,12 +51,39 @@ def weights_signature(model: nn.Module) -> tuple:
     return tuple((name, id(t), t.data_ptr(), t._version) for name, t in model.state_dict(keep_vars=True).items())
 
 
+def offloaded_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The values of weights accelerate offloaded (`device_map` with "cpu"/"disk" offload): the module then
+    holds a meta tensor and its `AlignDevicesHook`'s `weights_map` the value (read from disk on access)."""
+    found: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(part, "weights_map", None)
+            if getattr(part, "offload", False) and weights is not None:
+                recurse = bool(getattr(part, "place_submodules", False))
+                tensors = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
+                for local, tensor in tensors:  # looked up as the hook's own pre_forward does
+                    if tensor.is_meta and local in weights:
+                        found[f"{prefix}.{local}" if prefix else local] = weights[local]
+    return found
+
+
 def weights_digest(model: nn.Module) -> str:
     """blake3 of every tensor's name, dtype, shape and all of its bytes, each part length-prefixed (as
-    `keys.digest` does). One tensor is copied to the CPU at a time; blake3 hashes it on all cores."""
+    `keys.digest` does). One tensor is copied to the CPU at a time; blake3 hashes it on all cores. Offloaded
+    weights are read from where accelerate keeps them, so an offloaded model has its loaded twin's fingerprint."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    state = model.state_dict()
+    offloaded = offloaded_weights(model) if any(t.is_meta for t in state.values()) else {}
     with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
+        for name, tensor in sorted(state.items()):
+            if tensor.is_meta:
+                if name not in offloaded:
+                    raise VLCacheError(
+                        f"weight {name!r} is on the meta device and not offloaded by accelerate: its values are "
+                        "unknown, so the model cannot be fingerprinted (load the model's weights first)"
+                    )
+                tensor = offloaded[name]
             for part in (name.encode(), *tensor_parts(tensor)):
                 hasher.update(len(part).to_bytes(8, "little"))
                 hasher.update(part)
