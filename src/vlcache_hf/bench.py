@@ -3,7 +3,9 @@
 Run as `vlcache bench [--size smoke|small|medium] [--repeats N] [--sweep]` or `python eval/bench_ttft.py`.
 Each timed request is served from a *copy* of the store as it was after the scenario's seed requests, so a
 repetition never profits from what the previous repetition published. Ratios are TTFT(full) / TTFT(mode),
-measured in the same run. Writes JSON, a Markdown table and PNG plots under `--out` (eval/results).
+measured in the same run. Writes JSON, a Markdown table and PNG plots under `--out` (default ./vlcache-bench;
+files of the same `--name` there are not overwritten without `--force`; `--out eval/results --force`
+regenerates the committed results). One repeat (`--smoke`, `--repeats 1`) is flagged as noise.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from . import toy
 from .cache import VLCache
 from .compat import with_cache
+from .errors import VLCacheError
 from .models import get_adapter
 from .selection import POLICIES
 from .store.store import CacheStore
@@ -290,9 +293,11 @@ def sweep(model, processor, size: BenchSize) -> list[dict]:
     return rows
 
 
-def markdown(results: list[ModeResult]) -> str:
+def markdown(results: list[ModeResult], repeats: int | None = None) -> str:
+    """The results table; with one repeat per mode (`repeats=1`) its speedup column is footnoted as noise."""
+    mark = " †" if repeats == 1 else ""
     lines = [
-        "| scenario | mode | TTFT median ms (min–max) | speedup vs full | recomputed | bound | share of bound | encoder / load / rerotate / prefill / publish / other ms |",
+        f"| scenario | mode | TTFT median ms (min–max) | speedup vs full{mark} | recomputed | bound | share of bound | encoder / load / rerotate / prefill / publish / other ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -301,6 +306,8 @@ def markdown(results: list[ModeResult]) -> str:
             f"| {r.scenario} | {r.mode} | {r.ttft['median'] * 1e3:.1f} ({r.ttft['min'] * 1e3:.1f}–{r.ttft['max'] * 1e3:.1f}) | "
             f"{r.speedup:.2f}× | {r.recomputed_fraction:.1%} | {r.bound:.1f}× | {r.share_of_bound:.0%} | {split} |"
         )
+    if repeats == 1:
+        lines += ["", f"† {NOISE_WARNING[0].upper()}{NOISE_WARNING[1:]} (`--smoke` or `--repeats 1`)."]
     return "\n".join(lines)
 
 
@@ -380,49 +387,84 @@ def environment() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlcache bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="medium")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat (for CI)")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--scenarios", default="abcd", help="subset of a,b,c,d")
-    parser.add_argument("--modes", default=None, help="comma-separated mode names (default: all available)")
-    parser.add_argument("--sweep", action="store_true", help="also sweep images, tokens per image and budget")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
-    parser.add_argument("--out", default="eval/results")
-    parser.add_argument("--name", default=None, help="file stem of the outputs (default: ttft_<size>_<device>)")
-    args = parser.parse_args(argv)
+    """`vlcache bench ARGS` (also `python eval/bench_ttft.py ARGS`): the command line's parser, errors and exit codes."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+NOISE_WARNING = "one repeat per mode: TTFTs and speedups are noise, not measurements; use --repeats 3 or more"
+
+
+def _output_paths(out: Path, stem: str) -> list[Path]:
+    from .cli import BENCH_OUTPUT_SUFFIXES
+
+    return [out / f"{stem}{suffix}" for suffix in BENCH_OUTPUT_SUFFIXES]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark the parsed `vlcache bench` arguments describe (`vlcache_hf.cli.add_bench_arguments`)."""
     size_name = "smoke" if args.smoke else args.size
     size = SIZES[size_name]
     if args.repeats:
         size = BenchSize(size.model, size.image_px, size.images, args.repeats)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    model = toy.build_model(size=size.model, dtype=dtype).to(args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VLCacheError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    unknown = sorted(set(args.scenarios) - set("abcd"))
+    if unknown or not args.scenarios:
+        raise VLCacheError(f"--scenarios {args.scenarios!r}: use letters of 'abcd'")
+    mode_names = [name.strip() for name in args.modes.split(",")] if args.modes else None
+    unknown = [name for name in mode_names or [] if name not in {m.name for m in MODES}]
+    if unknown:
+        raise VLCacheError(f"--modes: unknown {unknown}; choose from {[m.name for m in MODES]}")
+    out = Path(args.out).expanduser()
+    stem = args.name or f"ttft_{size_name}_{device}"
+    if out.exists() and not out.is_dir():
+        raise VLCacheError(f"--out {out} is a file, not a directory")
+    existing = [path for path in _output_paths(out, stem) if path.exists()]
+    if existing and not args.force:
+        raise VLCacheError(
+            f"{existing[0]} already exists; pass --force to overwrite it, or choose another --out or --name"
+        )
+    noisy = size.repeats == 1
+    if noisy:
+        print(f"vlcache bench: warning: {NOISE_WARNING}", file=sys.stderr, flush=True)
+    elif args.sweep and size.repeats == 2:
+        print("vlcache bench: warning: the sweep uses one repeat per point (repeats - 1): its TTFTs are noise",
+              file=sys.stderr, flush=True)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = toy.build_model(size=size.model, dtype=dtype).to(device)
     processor = toy.build_processor(max_pixels=size.image_px * size.image_px, min_pixels=56 * 56)
-    print(f"vlcache bench: size={size_name} device={args.device} dtype={dtype} images={size.images}×{toy.image_tokens(size.image_px)} tokens", flush=True)
+    print(f"vlcache bench: size={size_name} device={device} dtype={dtype} images={size.images}×{toy.image_tokens(size.image_px)} tokens", flush=True)
     start = time.perf_counter()
-    results, skipped = bench_scenarios(model, processor, size, set(args.scenarios), args.modes.split(",") if args.modes else None)
+    results, skipped = bench_scenarios(model, processor, size, set(args.scenarios), mode_names)
     sweep_rows = sweep(model, processor, size) if args.sweep else []
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"ttft_{size_name}_{args.device}"
-    table = markdown(results)
+    table = markdown(results, size.repeats)
     layout = get_adapter(model).kv_layout
+    typed = getattr(args, "argv", None)
+    command = " ".join(typed[1:] if typed and typed[0] == "bench" else (typed or []))
     payload = {
-        "command": "vlcache bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": ("vlcache bench " + command).strip(),
         "environment": environment(),
         "size": {"name": size_name, **asdict(size)},
         "kv_bytes_per_token": layout.bytes_per_token(),
         "skipped_modes": skipped,
+        "warning": NOISE_WARNING if noisy else "",
         "results": [asdict(r) for r in results],
         "sweep": sweep_rows,
         "seconds": time.perf_counter() - start,
     }
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    header = f"# TTFT benchmark ({size_name}, {args.device}, {dtype})\n\nCommand: `{payload['command']}`\n\n"
+    header = f"# TTFT benchmark ({size_name}, {device}, {dtype})\n\nCommand: `{payload['command']}`\n\n"
     env = ", ".join(f"{k} {v}" for k, v in payload["environment"].items())
     (out / f"{stem}.md").write_text(header + f"Environment: {env}. KV bytes per token: {layout.bytes_per_token()}.\n\n" + table + "\n")
     files = plot(results, sweep_rows, out, stem)
+    written = {str(out / f"{stem}.json"), str(out / f"{stem}.md"), *files}
+    for path in _output_paths(out, stem):  # with --force: no plot of an earlier run left beside this run's
+        if str(path) not in written and path.exists():
+            path.unlink()
     print(table)
     if skipped:
         print("skipped: " + "; ".join(skipped))

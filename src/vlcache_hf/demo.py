@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from . import toy
 from .cache import VLCache
 from .compat import with_cache
+from .errors import VLCacheError
+from .selection import make_policy
 from .store.store import CacheStore
 from .timing import time_first_token
 
@@ -23,6 +27,12 @@ class TurnResult:
     ttft_vlcache_ms: float
     report: object
     expected: str | None = None
+    plain_answer: str = ""  # plain `generate`'s answer to the same prompt
+
+    @property
+    def moved_tokens(self) -> int:
+        """Prompt tokens filled from K/V computed in another context (approximate reuse); 0: exact reuse."""
+        return int(getattr(self.report, "moved_tokens", 0) or 0)
 
 
 def load_demo_model(model_path: str | None = None):
@@ -30,7 +40,15 @@ def load_demo_model(model_path: str | None = None):
     if model_path:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        return AutoModelForImageTextToText.from_pretrained(model_path).eval(), AutoProcessor.from_pretrained(model_path), model_path
+        if not Path(model_path).expanduser().exists() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model_path):
+            # neither a directory nor a Hub id ("org/name"): say so before transformers tries the network
+            raise VLCacheError(f"--model {model_path}: no such model directory")
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+            return model, AutoProcessor.from_pretrained(model_path), model_path
+        except (OSError, ValueError) as err:  # not a model directory / hub id, or a model transformers cannot load
+            reason = " ".join(str(err).split())
+            raise VLCacheError(f"--model {model_path}: cannot load it as an image-text-to-text model: {reason}") from err
     try:
         from .pretrained import load_default  # the embedded trained model (eval/synthetic/train.py)
 
@@ -74,6 +92,7 @@ def _conversation(trained: bool):
 
 def run_demo(policy: str = "vlcache", recompute_ratio: float = 0.05, model_path: str | None = None, max_new_tokens: int = 12):
     """Run the conversation; returns (model description, per-turn results)."""
+    make_policy(policy, recompute_ratio)  # a bad policy name or ratio fails before the model loads
     torch.manual_seed(0)
     model, processor, description = load_demo_model(model_path)
     trained = description.startswith("embedded")
@@ -92,8 +111,12 @@ def run_demo(policy: str = "vlcache", recompute_ratio: float = 0.05, model_path:
         ids, _ = _generate(model, inputs, cache_full, max_new_tokens=max_new_tokens)
         prompt_len = inputs["input_ids"].shape[1]
         answer = processor.decode(ids[0, prompt_len:], skip_special_tokens=True).strip()
+        plain_answer = processor.decode(plain_ids[0, prompt_len:], skip_special_tokens=True).strip()
         results.append(
-            TurnResult(title, answer, torch.equal(ids, plain_ids), ttft_plain * 1e3, ttft_ours * 1e3, cache.report, expected)
+            TurnResult(
+                title, answer, torch.equal(ids, plain_ids), ttft_plain * 1e3, ttft_ours * 1e3, cache.report, expected,
+                plain_answer,
+            )
         )
         return answer
 
@@ -109,17 +132,33 @@ def run_demo(policy: str = "vlcache", recompute_ratio: float = 0.05, model_path:
     return description, results
 
 
-def format_results(description: str, policy: str, results: list[TurnResult]) -> str:
-    lines = [f"model: {description}; policy: {policy}", ""]
+def approximation_note(policy: str, recompute_ratio: float | None = None) -> str:
+    """One line: when reuse is exact, when it is approximate and why (README, "Exactness")."""
+    if policy == "full":
+        return ("reuse: policy 'full' recomputes every prompt token and reuses only encoder outputs, so every "
+                "answer equals plain generate")
+    share = f"{recompute_ratio:.0%} of them" if recompute_ratio is not None else "the policy's share of them"
+    what = "none of them" if policy == "none" else share
+    return (f"reuse: exact for a repeated or growing prefix (turns 1-2); images at new positions (turn 3) reuse "
+            f"K/V computed in another context (re-rotated, approximate; policy {policy!r} recomputes {what}), "
+            "so an answer may differ from plain generate; policy 'full' is always exact")
+
+
+def format_results(description: str, policy: str, results: list[TurnResult], recompute_ratio: float | None = None) -> str:
+    lines = [f"model: {description}; policy: {policy}", approximation_note(policy, recompute_ratio), ""]
     for r in results:
         rep = r.report
+        reuse = (f"approximate: {r.moved_tokens} image tokens reused from another context" if r.moved_tokens
+                 else "exact")
         lines += [
             f"== {r.title}",
-            f"   answer: {r.answer!r}"
-            + (f" (expected {r.expected!r})" if r.expected is not None else "")
-            + f"   same as plain generate: {'yes' if r.same_as_plain else 'no'}",
+            *([f"   expected:       {r.expected!r}"] if r.expected is not None else []),
+            f"   plain generate: {r.plain_answer!r}",
+            f"   VLCache:        {r.answer!r}   same as plain generate: {'yes' if r.same_as_plain else 'no'} "
+            f"(reuse {reuse})",
             f"   TTFT plain {r.ttft_plain_ms:.1f} ms, VLCache {r.ttft_vlcache_ms:.1f} ms",
             f"   encoder hits {rep.encoder_hits}/{rep.images}; tokens reused {rep.reused_tokens} "
-            f"(prefix {rep.prefix_tokens}), recomputed {rep.recomputed_tokens} of {rep.total_tokens}",
+            f"(prefix {rep.prefix_tokens}, moved {rep.moved_tokens}), recomputed {rep.recomputed_tokens} of "
+            f"{rep.total_tokens}",
         ]
     return "\n".join(lines)

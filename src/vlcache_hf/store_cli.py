@@ -1,19 +1,38 @@
-"""`vlcache store ls|stats|verify|gc --path DIR`: look after a disk cache directory."""
+"""`vlcache store ls|stats|verify|gc --path DIR`: look after a disk cache directory.
+
+Light at import (the parsers are built for `vlcache --help` without torch); the handlers import the store.
+No command creates a missing directory: a wrong `--path` is an error, not a new empty cache.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
+from .errors import VLCacheError
 
-from .store.disk import SUFFIX, DiskTier
-from .store.store import parse_bytes
+if TYPE_CHECKING:
+    from .store.disk import DiskTier
 
 
 def _tier(path: str) -> DiskTier:
-    return DiskTier(path, 2**62)
+    """The existing DiskTier directory at `path` (DiskTier itself would create a missing one)."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise VLCacheError(f"no cache directory at {path}")
+    if not folder.is_dir():
+        raise VLCacheError(f"{path} is not a directory")
+    from .store.disk import DiskTier
+
+    return DiskTier(folder, 2**62)
+
+
+def _progress(items, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="entry", disable=None)
 
 
 def _files(tier: DiskTier) -> list[tuple[float, int, Path]]:
@@ -23,6 +42,8 @@ def _files(tier: DiskTier) -> list[tuple[float, int, Path]]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     tier = _tier(args.path)
+    from .store.disk import SUFFIX
+
     now = time.time()
     for mtime, size, file in _files(tier):
         key = file.name[: -len(SUFFIX)]
@@ -46,7 +67,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read every entry; unreadable or checksum-failing ones are removed by the tier's own read path."""
     tier = _tier(args.path)
     keys = tier.keys()
-    bad = sum(tier.get(key) is None for key in tqdm(keys, desc="verifying", unit="entry", disable=None))
+    bad = sum(tier.get(key) is None for key in _progress(keys, "verifying"))
     print(f"verified {len(keys)} entries: {len(keys) - bad} good, {bad} removed")
     return 0
 
@@ -54,14 +75,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     """Trim to the budget under the tier's lock (safe while servers use the directory), and remove the temp
     files of writers killed mid-write."""
+    from .store.store import parse_bytes
+
+    try:
+        budget = parse_bytes(args.budget)
+    except VLCacheError as err:
+        raise VLCacheError(f"--budget: {err}") from None
+    if args.temp_age < 0:
+        raise VLCacheError(f"--temp-age must be >= 0 seconds, got {args.temp_age}")
     tier = _tier(args.path)
-    budget = parse_bytes(args.budget)
     stale = tier.remove_stale_temp_files(older_than=args.temp_age)
     removed = 0
     with tier.lock:
         files = _files(tier)
         used = sum(size for _, size, _ in files)
-        for _, size, file in tqdm(files, desc="trimming", unit="entry", disable=None):
+        for _, size, file in _progress(files, "trimming"):
             if used <= budget:
                 break
             try:
@@ -78,7 +106,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def add_store_commands(subparsers) -> None:
-    store = subparsers.add_parser("store", help="inspect and maintain a disk cache directory")
+    store = subparsers.add_parser(
+        "store", help="inspect and maintain a disk cache directory", description="Inspect and maintain a disk cache directory."
+    )
     sub = store.add_subparsers(dest="store_command", required=True)
     for name, handler, text in (
         ("ls", cmd_ls, "list entries, least recently used first"),
@@ -86,10 +116,10 @@ def add_store_commands(subparsers) -> None:
         ("verify", cmd_verify, "re-check every checksum; remove bad entries"),
         ("gc", cmd_gc, "trim to a byte budget, least recently used first"),
     ):
-        command = sub.add_parser(name, help=text)
-        command.add_argument("--path", required=True, help="the DiskTier directory")
+        command = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        command.add_argument("--path", required=True, help="an existing DiskTier directory (never created)")
         if name == "gc":
-            command.add_argument("--budget", required=True, help="e.g. 10GiB")
+            command.add_argument("--budget", required=True, help="a positive size, e.g. 10GiB or 500MB")
             command.add_argument("--temp-age", type=float, default=3600.0,
                                  help="remove temp files of killed writers older than this many seconds")
         command.set_defaults(handler=handler)

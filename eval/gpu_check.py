@@ -1,0 +1,250 @@
+"""One command for a machine with CUDA: exactness of every family, then the TTFT benchmark at 7B shape.
+
+    python eval/gpu_check.py                 # on a CUDA machine: writes eval/results/gpu_<card>.{md,json}
+    python eval/gpu_check.py --dry-run       # anywhere (CI): the same steps on CPU at toy sizes, to a temp dir
+
+Steps, each written to the report as it finishes (a later failure keeps the earlier figures):
+1. environment: card, CUDA capability, torch / transformers / accelerate versions, FlashAttention-2 present;
+2. exactness, for every family × float32 / bfloat16 × SDPA (and FlashAttention-2 where installed, half
+   precision only): policy "full" and an exact repeat with policy "none" against the model's own `generate`
+   (greedy tokens; largest logit difference), and a moved request with policy "vlcache" at 5 % (runs,
+   reports moved tokens);
+3. load bandwidth host → device from pageable and from pinned memory (what a CPU-tier hit costs);
+4. TTFT benchmark (`vlcache_hf.bench`) on a Qwen2.5-VL with a 7B-shaped text model (28 layers, hidden 3584,
+   28 heads / 4 KV heads) and random weights in bfloat16, 4 images × 1,024 tokens, every mode side by side,
+   with peak GPU memory per scenario and decode ms/token after a full and after a VLCache prefill.
+
+`--dry-run` keeps every step but runs it on CPU at toy sizes (one repeat), so CI proves the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf.bench import BenchSize, bench_scenarios, markdown
+from vlcache_hf.compat import with_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the text model of Qwen2.5-VL-7B (vision tower kept small: the benchmark is about the decoder's prefill)
+SEVEN_B = toy.ToySize(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    vision_depth=4,
+    vision_hidden=1280,
+    vision_heads=16,
+    mrope_section=(16, 24, 24),
+)
+SEVEN_B_IMAGE_PX = 896  # 64 × 64 patches of 14 px → 32 × 32 = 1,024 merged tokens
+
+
+def environment(device: str) -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "flash_attn": "installed" if importlib.util.find_spec("flash_attn") else "not installed",
+        "device": device,
+    }
+    if device == "cuda":
+        env["card"] = torch.cuda.get_device_name(0)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+def _generate(model, inputs, cache=None, max_new_tokens: int = 4):
+    return model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        **with_cache(model, cache),
+    )
+
+
+def _compare(plain, ours) -> tuple[bool, float]:
+    same = bool(torch.equal(plain.sequences, ours.sequences))
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(plain.scores, ours.scores, strict=True))
+    return same, diff
+
+
+def exactness_row(family: str, dtype: torch.dtype, attn: str, device: str) -> dict:
+    """Policy "full" and an exact repeat ("none") against plain generate; a moved request with "vlcache" 5 %."""
+    with torch.device(device):
+        model = toy.build_model(family, dtype=dtype, attn_implementation=attn)
+    processor = toy.build_processor(family)
+    images = [toy.make_image(seed) for seed in range(3)]
+    inputs = toy.chat_inputs(processor, [toy.message("user", images[0], images[1], "What is shown?")]).to(device)
+    plain = _generate(model, inputs)
+    store = CacheStore()
+    full_same, full_diff = _compare(plain, _generate(model, inputs, VLCache(model, store=store, policy="full")))
+    repeat_cache = VLCache(model, store=store)
+    repeat_same, repeat_diff = _compare(plain, _generate(model, inputs, repeat_cache))
+    moved_inputs = toy.chat_inputs(processor, [toy.message("user", "Now:", images[1], images[0], "What is shown?")]).to(device)
+    moved = VLCache(model, store=store, policy="vlcache", recompute_ratio=0.05)
+    _generate(model, moved_inputs, moved)
+    return {
+        "family": family, "dtype": str(dtype).removeprefix("torch."), "attention": attn,
+        "full_tokens_equal": full_same, "full_max_logit_diff": full_diff,
+        "repeat_tokens_equal": repeat_same, "repeat_max_logit_diff": repeat_diff,
+        "repeat_reused_tokens": repeat_cache.report.reused_tokens, "moved_tokens": moved.report.moved_tokens,
+    }
+
+
+def exactness(device: str) -> list[dict]:
+    rows = []
+    attentions = ["sdpa"] + (["flash_attention_2"] if device == "cuda" and importlib.util.find_spec("flash_attn") else [])
+    for family in toy.FAMILIES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for attn in attentions:
+                if attn == "flash_attention_2" and dtype == torch.float32:
+                    continue  # FlashAttention-2 runs in half precision only
+                try:
+                    row = exactness_row(family, dtype, attn, device)
+                except Exception as err:  # one family failing must not hide the others' results
+                    row = {"family": family, "dtype": str(dtype).removeprefix("torch."), "attention": attn,
+                           "error": "".join(traceback.format_exception_only(err)).strip()}
+                rows.append(row)
+                print(f"  exactness {json.dumps(row)}", flush=True)
+    return rows
+
+
+def load_bandwidth(device: str, megabytes: int) -> dict[str, float]:
+    """GB/s of a host → device copy from pageable and from pinned memory (median of 5)."""
+    target = "cuda" if device == "cuda" else "cpu"
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8)
+    pinned = source.pin_memory() if device == "cuda" else source.clone()
+    result = {}
+    for name, tensor in (("pageable", source), ("pinned", pinned)):
+        times = []
+        for _ in range(6):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            tensor.to(target, non_blocking=name == "pinned")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        result[f"{name}_GBps"] = tensor.numel() / sorted(times[1:])[2] / 1e9
+    return result
+
+
+def decode_ms_per_token(model, inputs, cache_factory, tokens: int) -> float:
+    """ms per generated token after the prefill: (time for 1 + tokens) − (time for 1), over `tokens`."""
+
+    def timed(count: int) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, **with_cache(model, cache_factory()))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(1)  # warm-up
+    return (timed(1 + tokens) - timed(1)) / tokens * 1e3
+
+
+def benchmark(device: str, dry_run: bool) -> dict:
+    size = BenchSize(toy.TINY, 112, 2, 1) if dry_run else BenchSize(SEVEN_B, SEVEN_B_IMAGE_PX, 4, 3)
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    with torch.device(device):
+        model = toy.build_model(size=size.model, dtype=dtype)
+    processor = toy.build_processor(max_pixels=size.image_px * size.image_px, min_pixels=56 * 56)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    results, skipped = bench_scenarios(model, processor, size, set("abcd"), None)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    images = [toy.make_image(seed, size.image_px) for seed in range(size.images)]
+    inputs = toy.chat_inputs(processor, [toy.message("user", *images, "Describe the pictures.")]).to(device)
+    store = CacheStore()
+    _generate(model, inputs, VLCache(model, store=store), max_new_tokens=1)
+    decode = {
+        "after_plain_prefill": decode_ms_per_token(model, inputs, lambda: None, 8 if dry_run else 32),
+        "after_vlcache_prefill": decode_ms_per_token(model, inputs, lambda: VLCache(model, store=store), 8 if dry_run else 32),
+    }
+    return {
+        "size": asdict(size), "dtype": str(dtype), "table": markdown(results, size.repeats), "skipped": skipped,
+        "results": [asdict(r) for r in results], "peak_gpu_GiB": peak, "decode_ms_per_token": decode,
+    }
+
+
+def write_report(out: Path, stem: str, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = [f"# GPU check ({report['environment'].get('card', report['environment']['device'])})", ""]
+    lines.append("Command: `" + report["command"] + "`" + (" — dry run on CPU at toy sizes" if report["dry_run"] else ""))
+    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in report["environment"].items()), ""]
+    if report.get("exactness"):
+        lines += ["## Exactness against plain `generate`", "",
+                  "| family | dtype | attention | full: tokens equal | full: max Δlogit | repeat: tokens equal | repeat: max Δlogit | repeat reused | moved (vlcache 5 %) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in report["exactness"]:
+            if "error" in row:
+                lines.append(f"| {row['family']} | {row['dtype']} | {row['attention']} | error: {row['error']} | | | | | |")
+                continue
+            lines.append(
+                f"| {row['family']} | {row['dtype']} | {row['attention']} | {row['full_tokens_equal']} | {row['full_max_logit_diff']:.2e} "
+                f"| {row['repeat_tokens_equal']} | {row['repeat_max_logit_diff']:.2e} | {row['repeat_reused_tokens']} | {row['moved_tokens']} |"
+            )
+        lines.append("")
+    if report.get("bandwidth"):
+        lines += ["## Host → device load bandwidth", "", " ".join(f"{k}: {v:.2f}" for k, v in report["bandwidth"].items()), ""]
+    bench = report.get("benchmark")
+    if bench:
+        lines += ["## TTFT benchmark", "", f"Size: {bench['size']}, {bench['dtype']}; peak GPU memory {bench['peak_gpu_GiB']} GiB; "
+                  f"decode ms/token {bench['decode_ms_per_token']}", "", bench["table"], ""]
+    for name, error in report.get("errors", {}).items():
+        lines += [f"## {name}: failed", "", "```", error, "```", ""]
+    (out / f"{stem}.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, one repeat (CI)")
+    parser.add_argument("--out", type=Path, default=None, help="report directory (default: eval/results; dry run: a temp dir)")
+    parser.add_argument("--skip-bench", action="store_true", help="exactness and bandwidth only")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA device here; run with --dry-run to check the script on CPU", file=sys.stderr)
+        return 2
+    out = args.out or (Path(tempfile.mkdtemp(prefix="vlcache-gpu-check-")) if args.dry_run else ROOT / "eval" / "results")
+    env = environment(device)
+    stem = "gpu_check_dry_run" if args.dry_run else "gpu_" + env["card"].lower().replace(" ", "_").replace("-", "_")
+    report: dict = {"command": "python eval/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "dry_run": args.dry_run, "environment": env, "errors": {}}
+    steps = [("exactness", lambda: exactness(device)), ("bandwidth", lambda: load_bandwidth(device, 8 if args.dry_run else 1024))]
+    if not args.skip_bench:
+        steps.append(("benchmark", lambda: benchmark(device, args.dry_run)))
+    for name, step in steps:
+        print(f"gpu_check: {name} …", flush=True)
+        try:
+            report[name] = step()
+        except Exception:  # keep what the other steps measured
+            report["errors"][name] = traceback.format_exc()
+            print(report["errors"][name], file=sys.stderr, flush=True)
+        write_report(out, stem, report)
+    print(f"gpu_check: report in {out / (stem + '.md')}")
+    failed_exactness = [r for r in report.get("exactness", []) if "error" in r or (r["dtype"] == "float32" and not (r["full_tokens_equal"] and r["repeat_tokens_equal"]))]
+    return 1 if report["errors"] or failed_exactness else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
