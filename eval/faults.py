@@ -50,7 +50,8 @@ import torch
 
 from vlcache_hf import CacheStore, VLCache, toy
 from vlcache_hf.compat import with_cache
-from vlcache_hf.store.disk import KEY_PATTERN, SUFFIX, DiskTier
+from vlcache_hf.store.codec import KEY_PATTERN
+from vlcache_hf.store.disk import SUFFIX, DiskTier
 from vlcache_hf.store.redis_tier import RedisTier
 from vlcache_hf.store.tiers import MemoryTier
 

@@ -15,10 +15,15 @@ def test_unsupported_model():
         VLCache(model)
 
 
-@pytest.mark.parametrize("ratio", [-0.1, 1.5, "0.5", None, True])
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, "0.5", True, float("nan")])
 def test_recompute_ratio_out_of_range(models, ratio):
     with pytest.raises(VLCacheError, match="recompute_ratio"):
         VLCache(models()[0], recompute_ratio=ratio)
+
+
+def test_recompute_ratio_none_means_not_given(models):
+    """None is the default (0 for a policy given by name; a policy instance keeps its own)."""
+    assert VLCache(models()[0], policy="first_k", recompute_ratio=None).recompute_ratio == 0.0
 
 
 def test_unknown_policy(models):

@@ -202,6 +202,7 @@ def test_one_line_constructor_and_sizes(tmp_path):
         with pytest.raises(VLCacheError, match="size"):
             parse_bytes(bad)
     store.put(KEY, entry(4))
+    assert store.flush()  # persistent tiers are written in the background; another store sees what is written
     assert CacheStore(disk=str(tmp_path)).get(KEY) is not None  # written through to disk
 
 
@@ -232,6 +233,7 @@ def test_memory_tier_lru_budget_and_store_promotion_and_spill(tmp_path):
         if i == 3:
             store.get(key(1))  # key 1 becomes most recent; key 2 is now the oldest in memory
     assert top.keys() == [key(1), key(4), key(5)]
+    store.flush()
     assert top.stats().evictions == 3 and all(store.tiers[1].contains(key(i)) for i in range(6))
     got = store.get(key(0))  # a disk hit is promoted into memory
     assert torch.equal(got.tensors["kv"], entry(0).tensors["kv"]) and top.contains(key(0))

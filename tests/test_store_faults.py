@@ -137,6 +137,7 @@ def test_vanished_directory_is_a_miss_and_comes_back(tmp_path, qwen, caplog):
     path = tmp_path / "cache"
     store = CacheStore(disk=str(path), retry_after=0.0)
     assert torch.equal(_answer(model, inputs, store).answer, plain)
+    assert store.flush()  # written: now the directory (not a write in flight) is what vanishes
     shutil.rmtree(path)
     cache = _answer(model, inputs, store, "none")
     assert torch.equal(cache.answer, plain) and cache.report.kv_hits == 0

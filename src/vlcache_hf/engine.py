@@ -17,9 +17,8 @@ from .errors import VLCacheError
 from .metrics import PrefillReport, PrefillTimings
 from .plan import ImageSpan, find_image_spans, plan_prefill
 from .prefill import allocate_buffers, fill_moved, fill_prefix, run_layers
-from .reuse import SpanHit, load_image_kv, load_prefix, publish_image, publish_prefix
+from .reuse import PrefixChunk, SpanHit, load_image_kv, load_prefix, publish_image, publish_prefix
 from .selection import SelectionContext
-from .store.entry import KVEntry
 from .store.keys import CONTEXT_BLOCK, chain_prefix_hashes, context_hashes
 
 # generate's inputs consumed by the prefill that must not reach the last-token forward (besides the visual
@@ -124,19 +123,19 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     # 1. what the store already holds: exact prefix chunks, then per image span its K/V from this same
     #    context (exact) or from another one (moved)
     tick = time.perf_counter()
-    prefix_entries: list[KVEntry] = []
+    prefix_chunks: list[PrefixChunk] = []
     hits: dict[int, SpanHit] = {}  # by span start: a duplicated image is two spans with their own hits
     if policy.reuses_kv and base_rope:
-        prefix_entries = load_prefix(store, fp, layout, chunk_hashes, chunk)
+        prefix_chunks, prefix_image_hits = load_prefix(store, fp, layout, chunk_hashes, chunk, spans, contexts)
         for span in spans:
-            if len(prefix_entries) * chunk < span.end <= num_tokens:
-                hit = load_image_kv(store, fp, layout, span, contexts[span.start])
+            if len(prefix_chunks) * chunk < span.end <= num_tokens:
+                hit = prefix_image_hits.get(span.start) or load_image_kv(store, fp, layout, span, contexts[span.start])
                 if hit is not None:
                     hits[span.start] = hit
     span_hits = {start: hit.exact for start, hit in hits.items()}
-    plan = plan_prefill(num_tokens, spans, len(prefix_entries) * chunk, device=device, span_hits=span_hits)
+    plan = plan_prefill(num_tokens, spans, len(prefix_chunks) * chunk, device=device, span_hits=span_hits)
     buffers = allocate_buffers(layout, num_tokens, device)
-    fill_prefix(buffers, prefix_entries, chunk)
+    fill_prefix(buffers, prefix_chunks)
     _sync(device)
     timings.store_load_s = time.perf_counter() - tick
 
@@ -172,7 +171,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     if settings.publish and num_tokens > 0 and base_rope:
         layer_buffers = [(layer.keys, layer.values) for layer in cache.layers]
         exact_until = plan.exact_until  # K/V after a moved (approximate) part is approximate too
-        publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, len(prefix_entries), exact_until)
+        publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, len(prefix_chunks), exact_until, spans)
         for span in spans:
             if span.end <= num_tokens and span.start not in hits and span.end > plan.prefix_tokens:
                 exact = span.end <= exact_until

@@ -14,6 +14,7 @@ import torch
 
 from .attention import SelectiveAttentionBackend, backend_for, selective_attention_enabled
 from .models import KVLayout, ModelAdapter
+from .reuse import PrefixChunk
 from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
 from .store.entry import KVEntry, to_device
@@ -33,11 +34,14 @@ def allocate_buffers(layout: KVLayout, num_tokens: int, device: torch.device) ->
     )
 
 
-def fill_prefix(buffers: torch.Tensor, entries: list[KVEntry], chunk_size: int) -> None:
-    """Copy exact prefix chunks into rows [0, len(entries) * chunk_size)."""
-    for index, entry in enumerate(entries):
-        start = index * chunk_size
-        buffers[:, :, 0, :, start : start + chunk_size] = to_device(entry.kv, buffers.device)
+def fill_prefix(buffers: torch.Tensor, chunks: list[PrefixChunk]) -> None:
+    """Copy the exact prefix chunks into their rows: each chunk's text rows from the chunk entry, its image rows
+    from the images' exact entries (stored at these very positions: no re-rotation)."""
+    for chunk in chunks:
+        if chunk.text_rows.numel():
+            buffers[:, :, 0, :, chunk.text_rows.to(buffers.device)] = to_device(chunk.text.kv, buffers.device)
+        for first, last, entry, offset in chunk.image_parts:
+            buffers[:, :, 0, :, first:last] = to_device(entry.kv[:, :, :, offset : offset + last - first], buffers.device)
 
 
 def fill_moved(

@@ -10,6 +10,11 @@ has one *content* entry — the first K/V stored for it, found by content alone,
 exact reuse when its recorded context matches) — plus one *context* entry per further context it was computed
 exactly in (found by content and context). K/V is stored once either way: a span goes to its content key when
 that is free, to its context key otherwise.
+
+Prefix chunks hold only their *text* rows. Their image rows are the exact image entries of the same context:
+a chunk's hash covers every token and image key up to its end, so when it matches, the images overlapping it
+are this request's spans in this request's contexts, and their exact entries hold those very rows. Each K/V
+row is thus stored once; a chunk whose images' exact entries are gone is a miss, like a missing chunk.
 """
 
 from __future__ import annotations
@@ -56,17 +61,58 @@ class SpanHit:
     exact: bool
 
 
+def text_rows(start: int, end: int, spans: list[ImageSpan]) -> torch.Tensor:
+    """The rows of [start, end) outside every image span (what a prefix chunk stores itself)."""
+    inside = torch.zeros(end - start, dtype=torch.bool)
+    for span in spans:
+        if span.start < end and span.end > start:
+            inside[max(span.start, start) - start : min(span.end, end) - start] = True
+    return torch.nonzero(~inside).flatten() + start
+
+
+@dataclass(frozen=True)
+class PrefixChunk:
+    """One stored chunk of the exact prefix: its own text rows and, for its image rows, the image entries
+    (exact in this context) that hold them: (first row, end row, entry, offset of the first row in the entry)."""
+
+    text_rows: torch.Tensor
+    text: KVEntry
+    image_parts: tuple[tuple[int, int, KVEntry, int], ...]
+
+
 def load_prefix(
-    store, fingerprint: str, layout: KVLayout, chunk_hashes: list[str], chunk_size: int
-) -> list[KVEntry]:
-    """Entries of the longest run of stored chunks from the start of the prompt."""
-    entries: list[KVEntry] = []
-    for chunk_hash in chunk_hashes:
-        entry = load_checked(store, prefix_key(fingerprint, chunk_hash), _parse_kv(fingerprint, layout, chunk_size))
+    store,
+    fingerprint: str,
+    layout: KVLayout,
+    chunk_hashes: list[str],
+    chunk_size: int,
+    spans: list[ImageSpan],
+    contexts: dict[int, str],
+) -> tuple[list[PrefixChunk], dict[int, SpanHit]]:
+    """The longest run of complete chunks from the start of the prompt, and the exact image hits their image
+    rows came from (by span start; the engine reuses them for spans running past the prefix)."""
+    chunks: list[PrefixChunk] = []
+    image_hits: dict[int, SpanHit] = {}
+    for index, chunk_hash in enumerate(chunk_hashes):
+        start, end = index * chunk_size, (index + 1) * chunk_size
+        rows = text_rows(start, end, spans)
+        entry = load_checked(store, prefix_key(fingerprint, chunk_hash), _parse_kv(fingerprint, layout, rows.numel()))
         if entry is None:
             break
-        entries.append(entry)
-    return entries
+        parts = []
+        for span in spans:
+            if not (span.start < end and span.end > start):
+                continue
+            hit = image_hits.get(span.start)
+            if hit is None and span.start in contexts:
+                hit = load_image_kv(store, fingerprint, layout, span, contexts[span.start])
+            if hit is None or not hit.exact:
+                return chunks, image_hits
+            image_hits[span.start] = hit
+            first, last = max(start, span.start), min(end, span.end)
+            parts.append((first, last, hit.entry, first - span.start))
+        chunks.append(PrefixChunk(rows, entry, tuple(parts)))
+    return chunks, image_hits
 
 
 def load_image_kv(store, fingerprint: str, layout: KVLayout, span: ImageSpan, context: str) -> SpanHit | None:
@@ -91,6 +137,12 @@ def gather_kv(layer_buffers: list[tuple[torch.Tensor, torch.Tensor]], start: int
     return torch.stack([torch.stack([k[0, :, start:end], v[0, :, start:end]]) for k, v in layer_buffers]).clone()
 
 
+def gather_rows(layer_buffers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> torch.Tensor:
+    """[num_layers, 2, kv_heads, len(rows), head_dim] copy of the cache rows `rows`."""
+    index = rows.to(layer_buffers[0][0].device)
+    return torch.stack([torch.stack([k[0, :, index], v[0, :, index]]) for k, v in layer_buffers])
+
+
 def publish_prefix(
     store,
     fingerprint: str,
@@ -100,15 +152,19 @@ def publish_prefix(
     chunk_size: int,
     first_stored: int,
     exact_until: int,
+    spans: list[ImageSpan],
 ) -> int:
-    """Store the chunks past the ones already stored whose K/V is exact (all of it before `exact_until`)."""
+    """Store the chunks past the ones already stored whose K/V is exact (all of it before `exact_until`): their
+    text rows only (image rows live in the images' exact entries, see the module docstring)."""
     written = 0
     for index in range(first_stored, len(chunk_hashes)):
         start, end = index * chunk_size, (index + 1) * chunk_size
         if end > exact_until:
             break
+        rows = text_rows(start, end, spans)
         key = prefix_key(fingerprint, chunk_hashes[index])
-        entry = KVEntry(gather_kv(layer_buffers, start, end), positions[:, 0, start:end].clone(), chunk_hashes[index])
+        pos = positions[:, 0, rows.to(positions.device)].clone()
+        entry = KVEntry(gather_rows(layer_buffers, rows), pos, chunk_hashes[index])
         store.put(key, entry.to_stored(fingerprint, key))
         written += 1
     return written

@@ -1,9 +1,9 @@
 """`DiskTier`: one safetensors file per entry in a directory that several processes (and users) may share.
 
 Why each piece is there:
-- safetensors, never pickle: loading a file cannot run code, and the header carries our metadata;
-- a blake3 checksum of the tensor bytes in the header: a flipped byte or truncated file is detected on read
-  and is a miss, never handed back as K/V;
+- the entry format of `store.codec` (shared with Redis): safetensors, never pickle, so loading a file cannot
+  run code, and the header carries our metadata and a blake3 checksum of the tensor bytes: a flipped byte or
+  truncated file is detected on read and is a miss, never handed back as K/V;
 - the file is read into memory with one `read` (no mmap): a file truncated under us is a short read we
   detect, not a SIGBUS;
 - write to a temp file in the same directory, fsync, `os.replace`: readers see a whole entry or none, even
@@ -20,62 +20,29 @@ Why each piece is there:
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
-import re
 import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from filelock import FileLock
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
 from ..errors import VLCacheError
+from .codec import KEY_PATTERN, check_key, checksum, decode, encode, header_metadata
 from .entry import StoredEntry
-from .keys import digest, tensor_parts
 from .tiers import TierStats
+
+__all__ = ["KEY_PATTERN", "PRIVATE_MODE", "SUFFIX", "TEMP_PREFIX", "DiskTier", "checksum", "decode", "header_metadata"]
 
 logger = logging.getLogger(__name__)
 
-KEY_PATTERN = re.compile(r"^[a-z]+-[0-9a-f]{64}$")
 SUFFIX = ".safetensors"
 TEMP_PREFIX = ".tmp-"
-_CHECKSUM = "__checksum__"
 PRIVATE_MODE = 0o600
-
-
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    parts: list = []
-    for name in sorted(tensors):
-        parts += [name, *tensor_parts(tensors[name])]
-    return digest(*parts)
-
-
-def header_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob, read from the same bytes as its tensors (one read, no race)."""
-    size = int.from_bytes(data[:8], "little")
-    return dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
-
-
-def decode(data: bytes, expected: str | None = None) -> tuple[StoredEntry | None, str]:
-    """The entry in a checksummed safetensors blob, or (None, why) if the bytes are not one.
-
-    The checksum is the header's own, or `expected` when it is kept elsewhere (Redis keeps it in a manifest).
-    """
-    try:
-        tensors, metadata = load_bytes(data), header_metadata(data)
-    except Exception as err:  # truncated, garbage, not safetensors: whatever the parser says
-        return None, f"unreadable ({err})"
-    own = metadata.pop(_CHECKSUM, None)
-    expected = expected if expected is not None else own
-    if expected is None or checksum(tensors) != expected:
-        return None, "checksum mismatch"
-    return StoredEntry(tensors, metadata), ""
 
 
 def check_mode(mode: int | None) -> int:
@@ -157,9 +124,7 @@ class DiskTier:
             raise VLCacheError(f"cannot use {self.path} as a disk cache directory: {err}") from err
 
     def _file(self, key: str) -> Path:
-        if not KEY_PATTERN.match(key):
-            raise ValueError(f"invalid store key {key!r}")
-        return self.path / f"{key}{SUFFIX}"
+        return self.path / f"{check_key(key)}{SUFFIX}"
 
     def read_version(self, key: str) -> FileVersion | None:
         """Read `key`'s file once; None if there is no such file (never was, or evicted meanwhile)."""
@@ -204,9 +169,7 @@ class DiskTier:
 
     def put(self, key: str, entry: StoredEntry) -> list[tuple[str, StoredEntry]]:
         file = self._file(key)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in entry.tensors.items()}
-        metadata = {**entry.metadata, _CHECKSUM: checksum(tensors)}
-        data = save_bytes(tensors, metadata)
+        data, _ = encode(entry)  # the checksum rides in the header: the file verifies itself
         self._stats.puts += 1
         if len(data) > self.byte_budget:
             return [(key, entry)]
@@ -295,6 +258,18 @@ class DiskTier:
         self._stats.entries = len(entries)
         self._stats.bytes_used = sum(size for _, size, _ in entries)
         return TierStats(**vars(self._stats))
+
+    def check_health(self) -> None:
+        """Raise OSError if entries cannot be written now: the directory is gone, not writable, or full."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "cache directory is missing", str(self.path))
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "cache directory is not writable by this user", str(self.path))
+        if os.statvfs(self.path).f_bavail == 0:
+            raise OSError(errno.ENOSPC, "no space left on the cache's filesystem", str(self.path))
+
+    def close(self) -> None:
+        """Nothing to release: files are complete after every `put` and the lock is held only inside calls."""
 
     def __repr__(self) -> str:
         return f"DiskTier({str(self.path)!r}, byte_budget={self.byte_budget}, mode={oct(self.mode)})"

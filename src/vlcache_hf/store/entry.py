@@ -21,7 +21,8 @@ from ..errors import EntryMismatchError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORMAT_VERSION = "1"
+#: 2: prefix chunks hold their text rows only (image rows live in the images' exact entries, see reuse.py)
+FORMAT_VERSION = "2"
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`RedisTier`: entries shared across machines through an existing, proven store (redis-py).
 
-An entry is the same safetensors blob as on disk (no pickle), checksummed, split into chunks of
+An entry is the same safetensors blob as on disk (`store.codec`, no pickle), checksummed, split into chunks of
 `chunk_bytes` under `<prefix><key>:<i>` with a small manifest `<prefix><key>` naming the chunk count and
 checksum; the manifest is written last, so a reader sees a whole entry or a miss.
 
@@ -26,10 +26,8 @@ import json
 import logging
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from safetensors.torch import save as save_bytes
-
 from ..errors import VLCacheError
-from .disk import KEY_PATTERN, checksum, decode
+from .codec import check_key, decode, encode
 from .entry import StoredEntry
 from .tiers import TierStats
 
@@ -56,7 +54,10 @@ def redact_url(url: str) -> str:
         [(k, REDACTED if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
         safe="*",
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    shown = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if parts.scheme and not netloc and url.startswith(f"{parts.scheme}://"):  # unix:///path, not unix:/path
+        shown = f"{parts.scheme}://{shown[len(parts.scheme) + 1 :]}"
+    return shown
 
 
 def url_secrets(url: str) -> list[str]:
@@ -172,9 +173,7 @@ class RedisTier:
         return f"RedisTier({self.url!r}, prefix={self.prefix!r}, ttl={self.ttl}, budget_bytes={self.budget_bytes})"
 
     def _name(self, key: str) -> str:
-        if not KEY_PATTERN.match(key):
-            raise ValueError(f"invalid store key {key!r}")
-        return self.prefix + key
+        return self.prefix + check_key(key)
 
     def get(self, key: str) -> StoredEntry | None:
         name = self._name(key)
@@ -210,11 +209,10 @@ class RedisTier:
         return None
 
     def put(self, key: str, entry: StoredEntry) -> list[tuple[str, StoredEntry]]:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in entry.tensors.items()}
-        data = save_bytes(tensors, dict(entry.metadata))
-        chunks = [data[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)] or [b""]
         self._name(key)  # validates the key
-        manifest = json.dumps({"chunks": len(chunks), "checksum": checksum(tensors), "bytes": len(data)})
+        data, digest = encode(entry, embed_checksum=False)  # the checksum goes in the manifest
+        chunks = [data[i : i + self.chunk_bytes] for i in range(0, len(data), self.chunk_bytes)] or [b""]
+        manifest = json.dumps({"chunks": len(chunks), "checksum": digest, "bytes": len(data)})
         budget = -1 if self.budget_bytes is None else self.budget_bytes
         # one script: evict to fit, write chunks and manifest, account — atomic, so readers never see half
         # of a rewrite and concurrent writers never overshoot the budget between them
@@ -241,6 +239,14 @@ class RedisTier:
         if removed:
             self._stats.evictions += 1
         return removed
+
+    def check_health(self) -> None:
+        """Raise `redis.RedisError` if the server does not answer a PING now."""
+        self.client.ping()
+
+    def close(self) -> None:
+        """Close this tier's connections (redis-py reopens them if the tier is used again)."""
+        self.client.close()
 
     def peak_bytes(self) -> int:
         """The most bytes this prefix's entries ever held at once (kept by the put script; for the load run)."""

@@ -38,9 +38,16 @@ class TierStats:
 
 @runtime_checkable
 class Tier(Protocol):
-    """What `CacheStore` needs of a tier."""
+    """What `CacheStore` needs of a tier; `MemoryTier`, `DiskTier` and `RedisTier` implement it.
+
+    A tier may raise from any call (a dead server, a full disk): `CacheStore` answers that call as a miss or
+    a skipped write and backs the tier off, so a tier need not swallow its own faults. A tier whose messages
+    can hold a secret also defines `redact(text) -> str` (optional; `RedisTier` does).
+    """
 
     name: str
+    #: True if entries survive this process (disk, Redis): `CacheStore.put` writes them through at once
+    persistent: bool
 
     def get(self, key: str) -> StoredEntry | None: ...
 
@@ -56,6 +63,21 @@ class Tier(Protocol):
 
     def stats(self) -> TierStats: ...
 
+    def check_health(self) -> None:
+        """Return if the tier can serve now; raise (with the reason) if not: a server that does not answer, a
+        directory that is gone, read-only or full."""
+        ...
+
+    def close(self) -> None:
+        """Release connections or handles; `CacheStore.close()` calls it once per tier."""
+        ...
+
+
+def missing_members(tier: object) -> list[str]:
+    """The members of `Tier` that `tier` lacks (empty when it implements the protocol)."""
+    names = ("name", "persistent", "get", "put", "contains", "evict", "stats", "check_health", "close")
+    return [n for n in names if not hasattr(tier, n)]
+
 
 class MemoryTier:
     """Entries kept as tensors in GPU or CPU memory, LRU within a byte budget.
@@ -63,6 +85,8 @@ class MemoryTier:
     `device=None` keeps tensors where they were put (the model's device), so a hit costs no copy.
     An entry larger than the whole budget is not stored (and returned as evicted at once).
     """
+
+    persistent = False  # lost with the process: only spilled to the tier below when evicted
 
     def __init__(self, byte_budget: int, device: torch.device | str | None = None, name: str | None = None):
         if byte_budget <= 0:
@@ -127,3 +151,9 @@ class MemoryTier:
             self._stats.entries = len(self._entries)
             self._stats.bytes_used = self._bytes
             return TierStats(**vars(self._stats))
+
+    def check_health(self) -> None:
+        """Memory is always there."""
+
+    def close(self) -> None:
+        """Nothing to release (entries are freed with the tier)."""
