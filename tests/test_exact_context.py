@@ -25,8 +25,8 @@ def image_rows(model, inputs) -> list[int]:
     return (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
 
 
-def duplicate_prompt(processor, image, preamble: str = PREAMBLE):
-    return toy.chat_inputs(processor, [toy.message("user", preamble, image, "and this one:", image, "Same?")])
+def duplicate_prompt(processor, image, preamble: str = PREAMBLE, question: str = "Same?"):
+    return toy.chat_inputs(processor, [toy.message("user", preamble, image, "and this one:", image, question)])
 
 
 def chunk_inside_first_image(model, inputs) -> int:
@@ -54,7 +54,15 @@ def test_duplicate_image_exact_repeat_equals_plain(models, images, family, in_be
 
     cache = assert_same_as_plain(model, inputs, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
     report, num_tokens = cache.report, inputs["input_ids"].shape[1] - 1
-    past_prefix = sum(1 for row in image_rows(model, inputs) if chunk <= row < num_tokens)
+    # the chunk, then the tail: both occurrences' rows past the chunk come from their own exact entries
+    assert (report.prefix_tokens, report.exact_span_tokens, report.moved_tokens) == (num_tokens, 0, 0)
+    assert report.kv_hits == 2 and report.reused_tokens == num_tokens
+
+    # another question after the same images: no tail fits, the image rows past the chunk are exact spans
+    other = duplicate_prompt(processor, images[0], question="And now?")
+    cache = assert_same_as_plain(model, other, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
+    report, num_tokens = cache.report, other["input_ids"].shape[1] - 1
+    past_prefix = sum(1 for row in image_rows(model, other) if chunk <= row < num_tokens)
     assert (report.prefix_tokens, report.exact_span_tokens, report.moved_tokens) == (chunk, past_prefix, 0)
     assert report.kv_hits == 2 and report.reused_tokens == chunk + past_prefix
 
@@ -84,8 +92,9 @@ def test_duplicate_image_chat_continuation_equals_plain(models, images):
     n1 = first["input_ids"].shape[1]
     assert torch.equal(second["input_ids"][0, :n1], first["input_ids"][0])
     cache = assert_same_as_plain(model, second, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=chunk))
-    assert cache.report.prefix_tokens == chunk and cache.report.moved_tokens == 0
-    assert cache.report.exact_span_tokens == sum(1 for row in image_rows(model, first) if row >= chunk)
+    # all turn 1 prefilled — the chunk and the tail after it, both occurrences' rows from their own entries
+    assert cache.report.prefix_tokens == n1 - 1 and cache.report.moved_tokens == 0
+    assert cache.report.exact_span_tokens == 0 and cache.report.kv_hits == 2
 
 
 def test_image_in_another_context_is_reported_as_moved(models, images):
@@ -162,9 +171,11 @@ def test_entry_copied_under_another_key_is_refused(tmp_path, models, images, kin
     tier = store.tiers[-1]
     a, b = (toy.chat_inputs(processor, [toy.message("user", "Hi", images[i], "Describe it.")]) for i in (4, 5))
     greedy(model, a, VLCache(model, store=store, policy="none", prefix_chunk_size=16))
+    store.flush()  # the disk tier is written in the background
     keys_a = {k for k in tier.keys() if k.startswith(f"{kind}-")}
     scratch = CacheStore(disk=str(tmp_path / "scratch"))  # learns b's keys without storing b in `store`
     greedy(model, b, VLCache(model, store=scratch, policy="none", prefix_chunk_size=16))
+    scratch.flush()
     keys_b = {k for k in scratch.tiers[-1].keys() if k.startswith(f"{kind}-")}
     assert len(keys_a) == len(keys_b) == 1
     (key_a,), (key_b,) = keys_a, keys_b
@@ -172,6 +183,7 @@ def test_entry_copied_under_another_key_is_refused(tmp_path, models, images, kin
 
     cache = assert_same_as_plain(model, b, lambda: VLCache(model, store=store, policy="none", prefix_chunk_size=16))
     report = cache.report
+    store.flush()
     assert (report.exact_span_tokens, report.moved_tokens, report.encoder_hits) == (0, 0, 0)
     assert tier.get(key_b).metadata["key"] == key_b  # the copy was dropped, then b's own entry published
 

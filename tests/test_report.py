@@ -45,12 +45,12 @@ def test_report_counts_follow_the_layout(models, images):
     greedy(model, moved, repeat_moved)
     assert repeat_moved.report.prefix_tokens == image_rows[0] // CHUNK * CHUNK
 
-    # an exactly computed request is reusable as a prefix up to its last full chunk
+    # an exactly computed request is reusable as a prefix up to its last prefilled token (chunks and tail)
     length = first["input_ids"].shape[1]
     repeat = VLCache(model, store=store, policy="none", prefix_chunk_size=CHUNK)
     greedy(model, first, repeat)
     r = repeat.report
-    expected_prefix = (length - 1) // CHUNK * CHUNK
+    expected_prefix = length - 1
     image_rows = (first["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
     images_past_prefix = sum(1 for i in image_rows if i >= expected_prefix)
     assert r.prefix_tokens == expected_prefix

@@ -29,16 +29,16 @@ def test_every_prefilled_row_is_stored_once(models, images):
     ids = inputs["input_ids"][0]
     prefilled = ids.numel() - 1  # the last prompt token is computed by the model's own forward
     image_rows = set(torch.nonzero(ids[:prefilled] == model.config.image_token_id).flatten().tolist())
-    chunked = set(range(prefilled // CHUNK * CHUNK))
+    chunked = set(range(prefilled))  # full chunks and the tail after them: every prefilled row
     # positions: the text axis of M-RoPE equals the row for text; image rows are counted by entry length
     text_stored = [p for t in _rows(store, PREFIX_KIND) for p in t.tolist()]
     image_stored = sum(t.numel() for t in _rows(store, KV_KIND))
-    assert len(text_stored) == len(set(text_stored)) == len(chunked - image_rows)  # text rows of whole chunks, once
+    assert len(text_stored) == len(set(text_stored)) == len(chunked - image_rows)  # every text row, once
     assert image_stored == len(image_rows)  # each image's rows once
     kv_bytes = sum(store.tiers[0].get(k).tensors["kv"].nbytes for k in store.tiers[0].keys() if k.split("-")[0] in (KV_KIND, PREFIX_KIND))
     per_row = model.config.text_config.num_hidden_layers * 2 * model.config.text_config.num_key_value_heads * (
         model.config.text_config.hidden_size // model.config.text_config.num_attention_heads) * 4
-    assert kv_bytes == (len(chunked - image_rows) + len(image_rows)) * per_row <= prefilled * per_row
+    assert kv_bytes == (len(chunked - image_rows) + len(image_rows)) * per_row == prefilled * per_row
 
 
 def test_chunk_without_its_image_entry_is_a_miss(models, images):

@@ -17,9 +17,18 @@ from .errors import VLCacheError
 from .metrics import PrefillReport, PrefillTimings
 from .plan import ImageSpan, find_image_spans, plan_prefill
 from .prefill import allocate_buffers, fill_moved, fill_prefix, run_layers
-from .reuse import PrefixChunk, SpanHit, load_image_kv, load_prefix, publish_image, publish_prefix
+from .reuse import (
+    PrefixChunk,
+    SpanHit,
+    load_image_kv,
+    load_prefix,
+    load_tail,
+    publish_image,
+    publish_prefix,
+    publish_tail,
+)
 from .selection import SelectionContext
-from .store.keys import CONTEXT_BLOCK, chain_prefix_hashes, context_hashes
+from .store.keys import CONTEXT_BLOCK, chain_prefix_hashes, context_hashes, prefix_root
 
 # generate's inputs consumed by the prefill that must not reach the last-token forward (besides the visual
 # inputs each adapter names: pixels, layouts, pre-encoded outputs)
@@ -81,7 +90,8 @@ def _contexts(
     fp: str, input_ids: torch.Tensor, kwargs: dict[str, Any], positions: torch.Tensor, spans: list[ImageSpan], chunk: int,
     num_tokens: int,
 ):
-    """Prefix chunk hashes of tokens [0, num_tokens) and, per span start, the context hash of the tokens up to its end.
+    """Prefix chunk hashes of tokens [0, num_tokens), per span start the context hash of the tokens up to its end,
+    and a function giving the context hash of tokens [0, end) for any `end` (tails).
 
     Both cover everything the K/V is computed from: token ids with image content keys, the positions the
     adapter computed (so every input its position computation reads — padding, video timing — counts without
@@ -95,7 +105,11 @@ def _contexts(
     hashes = chain_prefix_hashes(fp, ids, image_keys_at, chunk, pos, visible)
     blocks = hashes if chunk == CONTEXT_BLOCK else ()  # the same chain: hash the prompt once
     ends = context_hashes(fp, ids, image_keys_at, [s.end for s in spans if s.end <= num_tokens], pos, visible, blocks)
-    return hashes, {s.start: ends[s.end] for s in spans if s.end <= num_tokens}
+
+    def end_context(end: int) -> str:
+        return context_hashes(fp, ids, image_keys_at, [end], pos, visible, blocks)[end]
+
+    return hashes, {s.start: ends[s.end] for s in spans if s.end <= num_tokens}, end_context
 
 
 def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -> dict[str, Any]:
@@ -112,7 +126,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     features, spans = _visual_features(cache, kwargs, input_ids)
     timings.encoder_s = features.seconds
     positions = adapter.prompt_positions(kwargs, input_ids)
-    chunk_hashes, contexts = _contexts(fp, input_ids, kwargs, positions, spans, chunk, num_tokens)
+    chunk_hashes, contexts, end_context = _contexts(fp, input_ids, kwargs, positions, spans, chunk, num_tokens)
     # K/V at length-dependent rotary frequencies holds for this prompt length only: neither reused nor stored
     base_rope = adapter.rope_frequencies_are_base(positions)
     fallback = "" if base_rope else (
@@ -124,16 +138,25 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     #    context (exact) or from another one (moved)
     tick = time.perf_counter()
     prefix_chunks: list[PrefixChunk] = []
+    full_chunks = prefix_tokens = 0  # full chunks loaded; rows of the exact prefix (with a tail, past them)
+    loaded_tail: tuple[str, int] | None = None  # (parent hash, end) of the tail used
     hits: dict[int, SpanHit] = {}  # by span start: a duplicated image is two spans with their own hits
     if policy.reuses_kv and base_rope:
         prefix_chunks, prefix_image_hits = load_prefix(store, fp, layout, chunk_hashes, chunk, spans, contexts)
+        full_chunks = len(prefix_chunks)
+        prefix_tokens = full_chunks * chunk
+        parent = chunk_hashes[full_chunks - 1] if full_chunks else prefix_root(fp)
+        tail = load_tail(store, fp, layout, parent, prefix_tokens, num_tokens, spans, contexts, end_context, prefix_image_hits)
+        if tail is not None:
+            prefix_chunks.append(tail[0])
+            loaded_tail, prefix_tokens = (parent, tail[1]), tail[1]
         for span in spans:
-            if len(prefix_chunks) * chunk < span.end <= num_tokens:
+            if prefix_tokens < span.end <= num_tokens:
                 hit = prefix_image_hits.get(span.start) or load_image_kv(store, fp, layout, span, contexts[span.start])
                 if hit is not None:
                     hits[span.start] = hit
     span_hits = {start: hit.exact for start, hit in hits.items()}
-    plan = plan_prefill(num_tokens, spans, len(prefix_chunks) * chunk, device=device, span_hits=span_hits)
+    plan = plan_prefill(num_tokens, spans, prefix_tokens, device=device, span_hits=span_hits)
     buffers = allocate_buffers(layout, num_tokens, device)
     fill_prefix(buffers, prefix_chunks)
     _sync(device)
@@ -171,7 +194,11 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     if settings.publish and num_tokens > 0 and base_rope:
         layer_buffers = [(layer.keys, layer.values) for layer in cache.layers]
         exact_until = plan.exact_until  # K/V after a moved (approximate) part is approximate too
-        publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, len(prefix_chunks), exact_until, spans)
+        publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, full_chunks, exact_until, spans)
+        tail_start = len(chunk_hashes) * chunk
+        parent = chunk_hashes[-1] if chunk_hashes else prefix_root(fp)
+        if tail_start < num_tokens <= exact_until and loaded_tail != (parent, num_tokens):
+            publish_tail(store, fp, layer_buffers, positions, parent, tail_start, num_tokens, spans, end_context(num_tokens))
         for span in spans:
             if span.end <= num_tokens and span.start not in hits and span.end > plan.prefix_tokens:
                 exact = span.end <= exact_until

@@ -15,6 +15,12 @@ Prefix chunks hold only their *text* rows. Their image rows are the exact image 
 a chunk's hash covers every token and image key up to its end, so when it matches, the images overlapping it
 are this request's spans in this request's contexts, and their exact entries hold those very rows. Each K/V
 row is thus stored once; a chunk whose images' exact entries are gone is a miss, like a missing chunk.
+
+After the last full chunk a request also stores its *tail* — the rows up to its last prefilled token — in a
+slot named by the chain hash before it (one slot per parent: the latest tail wins), recording its length and
+the context hash of its end. A chat's next turn repeats the whole previous prompt, so after the full chunks
+it finds that tail, checks that its own tokens up to the same end have the same context hash, and reuses
+every row the previous turn computed: only the new tokens are computed, as with a copied `DynamicCache`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from .models import KVLayout
 from .plan import ImageSpan
 from .store.entry import KVEntry, StoredEntry, load_checked
 from .store.keys import KV_KIND, PREFIX_KIND, entry_key
+
+TAIL_MARK = "tail"
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,6 +121,82 @@ def load_prefix(
             parts.append((first, last, hit.entry, first - span.start))
         chunks.append(PrefixChunk(rows, entry, tuple(parts)))
     return chunks, image_hits
+
+
+def tail_key(fingerprint: str, parent_hash: str) -> str:
+    """Store key of the tail slot after the chunk whose chain hash is `parent_hash` (or `prefix_root`)."""
+    return entry_key(PREFIX_KIND, fingerprint, f"{TAIL_MARK}@{parent_hash}")
+
+
+def _tail_context(length: int, end_context: str) -> str:
+    return f"{TAIL_MARK}:{length}:{end_context}"
+
+
+def _tail_length(context: str) -> tuple[int, str] | None:
+    mark, _, rest = context.partition(":")
+    length, _, end_context = rest.partition(":")
+    return (int(length), end_context) if mark == TAIL_MARK and length.isdigit() and end_context else None
+
+
+def load_tail(
+    store,
+    fingerprint: str,
+    layout: KVLayout,
+    parent_hash: str,
+    start: int,
+    limit: int,
+    spans: list[ImageSpan],
+    contexts: dict[int, str],
+    end_context: Callable[[int], str],
+    image_hits: dict[int, SpanHit],
+) -> tuple[PrefixChunk, int] | None:
+    """The tail stored after the prefix [0, start) if this prompt repeats it: rows [start, start + L) for its
+    recorded length L (start + L <= `limit`) whose end has this prompt's context hash; image rows from the
+    images' exact entries, as for chunks. `image_hits` gains the image hits used."""
+    key = tail_key(fingerprint, parent_hash)
+    entry = load_checked(store, key, _parse_kv(fingerprint, layout, None))
+    recorded = _tail_length(entry.context) if entry is not None else None
+    if recorded is None:
+        return None
+    length, context = recorded
+    end = start + length
+    if length < 1 or end > limit or end_context(end) != context:
+        return None  # another prompt's tail (or a longer one than this prompt): not ours
+    rows = text_rows(start, end, spans)
+    if entry.kv.shape[3] != rows.numel():
+        logger.warning("dropping store entry %s…: its rows do not match its recorded length", key[:20])
+        store.discard(key)
+        return None
+    parts = []
+    for span in spans:
+        if span.start < end and span.end > start:
+            hit = image_hits.get(span.start)
+            if hit is None and span.start in contexts:
+                hit = load_image_kv(store, fingerprint, layout, span, contexts[span.start])
+            if hit is None or not hit.exact:
+                return None
+            image_hits[span.start] = hit
+            first, last = max(start, span.start), min(end, span.end)
+            parts.append((first, last, hit.entry, first - span.start))
+    return PrefixChunk(rows, entry, tuple(parts)), end
+
+
+def publish_tail(
+    store,
+    fingerprint: str,
+    layer_buffers: list[tuple[torch.Tensor, torch.Tensor]],
+    positions: torch.Tensor,
+    parent_hash: str,
+    start: int,
+    end: int,
+    spans: list[ImageSpan],
+    end_context: str,
+) -> None:
+    """Store rows [start, end) — exact, after the prefix with chain hash `parent_hash` — as that prefix's tail."""
+    rows = text_rows(start, end, spans)
+    entry = KVEntry(gather_rows(layer_buffers, rows), positions[:, 0, rows.to(positions.device)].clone(), _tail_context(end - start, end_context))
+    key = tail_key(fingerprint, parent_hash)
+    store.put(key, entry.to_stored(fingerprint, key))
 
 
 def load_image_kv(store, fingerprint: str, layout: KVLayout, span: ImageSpan, context: str) -> SpanHit | None:

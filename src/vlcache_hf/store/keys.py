@@ -124,6 +124,11 @@ def _prompt_parts(
     return parts
 
 
+def prefix_root(fingerprint: str) -> str:
+    """The chain hash of the empty prefix (parent of the first chunk)."""
+    return digest("prefix-root", fingerprint)
+
+
 def chain_prefix_hashes(
     fingerprint: str,
     token_ids: Sequence[int],
@@ -140,7 +145,7 @@ def chain_prefix_hashes(
     share a prefix entry.
     """
     hashes: list[str] = []
-    parent = digest("prefix-root", fingerprint)
+    parent = prefix_root(fingerprint)
     for start in range(0, len(token_ids) - chunk_size + 1, chunk_size):
         parent = digest(parent, *_prompt_parts(token_ids, image_keys_at, start, start + chunk_size, positions, visible))
         hashes.append(parent)
@@ -169,7 +174,7 @@ def context_hashes(
     same context hash. The block chain is the prefix chain at a chunk size of `CONTEXT_BLOCK`: pass that
     (`block_hashes`, from `chain_prefix_hashes` with the same arguments) to skip hashing the prompt twice.
     """
-    chain = [digest("prefix-root", fingerprint), *block_hashes]  # chain[i] covers tokens [0, i * CONTEXT_BLOCK)
+    chain = [prefix_root(fingerprint), *block_hashes]  # chain[i] covers tokens [0, i * CONTEXT_BLOCK)
     result: dict[int, str] = {}
     for end in sorted(set(ends)):
         full = end // CONTEXT_BLOCK
