@@ -386,19 +386,14 @@ def environment() -> dict[str, str]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`vlcache bench ARGS` (also `python eval/bench_ttft.py ARGS`): the command line's parser, errors and exit codes."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
 NOISE_WARNING = "one repeat per mode: TTFTs and speedups are noise, not measurements; use --repeats 3 or more"
 
 
-def _output_paths(out: Path, stem: str) -> list[Path]:
-    from .cli import BENCH_OUTPUT_SUFFIXES
+#: the files one run writes (a `--force` run removes those of an earlier run it does not rewrite)
+BENCH_OUTPUT_SUFFIXES = (".json", ".md", "_speedup.png", "_growth.png", "_budget.png")
 
+
+def _output_paths(out: Path, stem: str) -> list[Path]:
     return [out / f"{stem}{suffix}" for suffix in BENCH_OUTPUT_SUFFIXES]
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import encoder, hook
+from .cache_lookup import register_cache_type
 from .errors import VLCacheError
 from .fingerprint import fingerprint
 from .metrics import PrefillReport
@@ -226,6 +227,9 @@ class VLCache(Cache):
             f"VLCache(policy={self.policy.name!r}, recompute_ratio={self.recompute_ratio}, "
             f"tokens={self.get_seq_length()}, store={self.store!r})"
         )
+
+
+register_cache_type(VLCache)  # the hook and the encoder wrapper find it in a call's arguments
 
 
 def _checked_store(store: Any) -> CacheStore:

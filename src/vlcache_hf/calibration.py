@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from ._version import __version__
 from .errors import VLCacheError
 from .fidelity import chat_inputs, kl_divergence, moved_image_request, run_probe, warm_store
 from .fingerprint import fingerprint

@@ -15,15 +15,13 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import VLCacheError
 
 #: `vlcache bench --size` choices: the keys of `vlcache_hf.bench.SIZES` (a test checks that they agree)
 BENCH_SIZES = ("medium", "small", "smoke")
 #: where `vlcache bench` writes unless `--out` says otherwise: a directory of its own under the current one
 BENCH_DEFAULT_OUT = "vlcache-bench"
-#: every file `vlcache bench` may write for one `--name` stem
-BENCH_OUTPUT_SUFFIXES = (".json", ".md", "_speedup.png", "_growth.png", "_budget.png")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from . import compat
+from .cache_lookup import find_cache
 from .models import ModelAdapter
 from .models.base import Modality
 from .store.entry import EncoderEntry, load_checked
@@ -129,7 +131,7 @@ class EncoderRoute:
 
 # transformers 5.18-5.24: the step of `generate` that encodes images and videos, called with `model_kwargs`
 # (which hold the call's cache); without it (another version) generate encodes without the encoder cache.
-GENERATE_ENCODING_STEP = "_prepare_multimodal_encoder_kwargs_for_generation"
+GENERATE_ENCODING_STEP = compat.GENERATE_ENCODING_STEP
 
 
 class RequestScope:
@@ -147,10 +149,8 @@ class RequestScope:
         return f"RequestScope({type(self.model).__name__})"
 
     def __call__(self, *args: Any, **kwargs: Any):
-        from .hook import _find_cache
-
         model_kwargs = args[0] if args else kwargs.get("model_kwargs", {})
-        cache = _find_cache(model_kwargs)
+        cache = find_cache(model_kwargs)
         if cache is None or cache.is_prefilled:
             return self.original()(*args, **kwargs)
         cache.pending_entries.clear()  # what an earlier, failed call on this cache encoded is not published

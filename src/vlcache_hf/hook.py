@@ -14,26 +14,19 @@ from typing import Any
 
 from torch import nn
 
+from . import encoder
+from .cache_lookup import find_cache
+from .engine import plain_prefill, prefill_request
+from .errors import VLCacheError
+
 _install_lock = threading.Lock()
 
 
-def _find_cache(kwargs: dict[str, Any]):
-    from .cache import VLCache
-
-    for name in ("cache", "past_key_values"):
-        value = kwargs.get(name)
-        if isinstance(value, VLCache):
-            return value
-    return None
-
-
 def _prefill_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-    cache = _find_cache(kwargs)
+    cache = find_cache(kwargs)
     if cache is None or cache.is_prefilled:
         return None
     if cache.model is not module:
-        from .errors import VLCacheError
-
         raise VLCacheError("this VLCache was created for another model; create one per model")
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if input_ids is not None and input_ids.ndim == 2 and input_ids.shape[1] < 2:
@@ -41,9 +34,6 @@ def _prefill_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         return None
     reason = _plain_prefill_reason(module, kwargs, input_ids.shape[1]) if input_ids is not None else ""
     if reason:  # the model's own forward computes everything; the encoder cache has served its images
-        from . import encoder
-        from .engine import plain_prefill
-
         plain_prefill(cache, args, kwargs, reason)
         encoder.publish_pending(cache)
         return None
@@ -83,9 +73,6 @@ def _tokens_for_the_model(kwargs: dict[str, Any]) -> int:
 def _prefill(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -> dict[str, Any]:
     """Run the request's prefill as one unit: if any phase raises, the cache is left empty and nothing this
     request computed is published, so a retry or the next request starts from the state before it."""
-    from . import encoder
-    from .engine import prefill_request
-
     try:
         new_kwargs = prefill_request(cache, args, kwargs, keep=keep)
         encoder.publish_pending(cache)

@@ -34,6 +34,7 @@ from transformers.image_utils import is_valid_image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import encoder
+from .compat import merge_processor_kwargs
 from .errors import VLCacheError
 from .fingerprint import fingerprint
 from .models import get_adapter
@@ -151,10 +152,7 @@ class VLCacheProcessor:
         one of them (then the wrapped processor serves the call)."""
         if kwargs.get("return_tensors", "pt") not in ("pt", None):
             return None
-        # the kwargs class passed explicitly: transformers 5.18 requires it, later versions default to it
-        merged = self.processor._merge_kwargs(
-            self.processor.valid_processor_kwargs, tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs, **kwargs
-        )
+        merged = merge_processor_kwargs(self.processor, kwargs)
         routed = set(merged["text_kwargs"]) | set(merged["images_kwargs"]) | _OWN_KWARGS
         return merged if set(kwargs) <= routed else None
 

@@ -6,7 +6,6 @@ The rest of the library talks to models only through this interface, so a new fa
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..compat import cache_kwarg_name
 
 
 @dataclass(frozen=True)
@@ -252,9 +253,8 @@ class ModelAdapter(ABC):
 
     # -- calling decoder layers ----------------------------------------------------------------------------
     def cache_kwarg_name(self) -> str:
-        """Transformers renamed `past_key_values` to `cache` in decoder layers (5.2x); accept both."""
-        params = inspect.signature(self.decoder_layers[0].forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        """The keyword the decoder layers take the cache under (`compat.cache_kwarg_name`)."""
+        return cache_kwarg_name(self.decoder_layers[0])
 
     def run_decoder_layer(
         self,
