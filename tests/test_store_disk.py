@@ -145,7 +145,7 @@ def test_writer_killed_mid_write_leaves_no_partial_entry(tmp_path):
         assert any(torch.equal(got.tensors["kv"], kv) for kv in whole)
         assert tier.keys() == [KEY]
     tier.remove_stale_temp_files(older_than=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", f"{KEY}.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".usage", f"{KEY}.safetensors"]  # no temp file left
 
 
 def test_a_put_never_writes_into_a_file_a_reader_has_open(tmp_path):
@@ -240,3 +240,25 @@ def test_memory_tier_lru_budget_and_store_promotion_and_spill(tmp_path):
     assert CacheStore.from_config({"cpu": "1MiB"}).tiers[0].byte_budget == 2**20
     with pytest.raises(VLCacheError, match="unknown CacheStore settings"):
         CacheStore.from_config({"ssd": "x"})
+
+
+def test_put_keeps_a_shared_account_instead_of_listing_the_directory(tmp_path):
+    """The bytes in the directory are an account under the lock (a put is O(1)); a second process's tier sees
+    the same account, and files removed behind its back are caught at the next eviction or re-check."""
+    from vlcache_hf.store.disk import USAGE_FILE
+
+    sizes = {}
+    first, second = DiskTier(tmp_path, 10**6), DiskTier(tmp_path, 10**6)
+    for i in range(3):
+        (first if i % 2 else second).put(key(i), entry(i, numel=1000))
+        sizes[key(i)] = (tmp_path / f"{key(i)}.safetensors").stat().st_size
+    assert int((tmp_path / USAGE_FILE).read_text()) == sum(sizes.values())  # both tiers added to one account
+    first.put(key(1), entry(1, numel=2000))  # a rewrite replaces its bytes
+    sizes[key(1)] = (tmp_path / f"{key(1)}.safetensors").stat().st_size
+    assert int((tmp_path / USAGE_FILE).read_text()) == sum(sizes.values())
+    assert second.evict(key(0)) and int((tmp_path / USAGE_FILE).read_text()) == sizes[key(1)] + sizes[key(2)]
+    (tmp_path / USAGE_FILE).write_text(str(10**9))  # an account far off (files removed behind its back)
+    first.put(key(3), entry(3, numel=1000))  # passes the budget on paper: the directory is listed, nothing evicted
+    assert all((tmp_path / f"{key(i)}.safetensors").exists() for i in (1, 2, 3))
+    listed = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert int((tmp_path / USAGE_FILE).read_text()) == listed

@@ -12,6 +12,11 @@ Why each piece is there:
   read (same inode, mtime and size): another process may have just replaced it with a valid entry;
 - a file that vanishes between listing and reading (evicted by another process) is a plain miss;
 - a `filelock` around budget accounting: processes sharing the directory never evict past each other;
+- the bytes in the directory are kept in a small shared account file (`.usage`), updated under the lock by
+  every put and removal, so a put costs O(1) instead of listing the directory: the directory is listed only
+  when the account says the budget is passed (then entries are evicted oldest first and the account is set
+  from the listing) and every `RESYNC_EVERY` puts of a process (files removed or added behind the account's
+  back — an external `rm`, an older writer — are caught there);
 - `mode`: files, the lock file and the directory are created with these permission bits (0o600, private,
   by default; 0o660 or 0o664 to share the directory within a Unix group, whose setgid bit keeps new files
   in the directory's group);
@@ -43,6 +48,9 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 TEMP_PREFIX = ".tmp-"
 PRIVATE_MODE = 0o600
+USAGE_FILE = ".usage"
+#: a process lists the directory to re-check the shared account after this many of its own puts
+RESYNC_EVERY = 256
 
 
 def check_mode(mode: int | None) -> int:
@@ -95,6 +103,7 @@ class DiskTier:
         self._open_directory()
         self.lock = FileLock(str(self.path / ".lock"), mode=self.mode)  # held while files are replaced or evicted
         self._stats = TierStats(self.name, byte_budget=self.byte_budget)
+        self._puts = 0  # own puts, for the periodic re-check of the shared account
 
     def _open_directory(self) -> None:
         """Create the directory (and lock file) with the tier's mode, and prove this user can write there."""
@@ -142,11 +151,13 @@ class DiskTier:
         """Unlink a file found corrupt, but only if it is still the version that was read: True if removed."""
         with self.lock:  # writers replace files under this lock, so the file cannot change between check and unlink
             try:
-                if _identity(version.file.stat()) != version.identity:
+                current = version.file.stat()
+                if _identity(current) != version.identity:
                     return False
                 version.file.unlink()
             except FileNotFoundError:
                 return False
+            self._account_removed(current.st_size)
         logger.warning("removed corrupt cache file %s: %s", version.file.name, version.reason)
         return True
 
@@ -182,8 +193,20 @@ class DiskTier:
                 handle.flush()
                 os.fsync(handle.fileno())
             with self.lock:
+                try:
+                    replaced = file.stat().st_size
+                except FileNotFoundError:
+                    replaced = 0
                 os.replace(tmp, file)
-                self._evict_to_budget(keep=file)
+                self._puts += 1
+                used = self._read_usage()
+                if used is None or self._puts % RESYNC_EVERY == 0:
+                    used = sum(size for _, size, _ in self.scan())
+                else:
+                    used += len(data) - replaced
+                if used > self.byte_budget:
+                    used = self._evict_to_budget(keep=file)
+                self._write_usage(used)
         finally:
             try:
                 os.unlink(tmp)
@@ -212,7 +235,9 @@ class DiskTier:
     def files(self) -> list[Path]:
         return [file for _, _, file in self.scan()]
 
-    def _evict_to_budget(self, keep: Path) -> None:
+    def _evict_to_budget(self, keep: Path) -> int:
+        """Evict least recently used files until the directory fits the budget (call under the lock); returns the
+        bytes left, from a listing of the directory."""
         entries = self.scan()
         used = sum(size for _, size, _ in entries)
         for _, size, file in sorted(entries, key=lambda item: item[0]):
@@ -226,6 +251,38 @@ class DiskTier:
             except FileNotFoundError:
                 pass
             used -= size
+        return used
+
+    def _read_usage(self) -> int | None:
+        """The shared account of bytes in the directory (call under the lock); None if missing or unreadable."""
+        try:
+            text = (self.path / USAGE_FILE).read_text()
+            value = int(text)
+        except (OSError, ValueError):
+            return None
+        return value if value >= 0 else None
+
+    def _write_usage(self, used: int) -> None:
+        """Set the shared account (call under the lock): a whole small file, replaced atomically."""
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=TEMP_PREFIX, suffix=".usage")
+        try:
+            if self.mode != PRIVATE_MODE:
+                os.fchmod(fd, self.mode)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(max(0, used)))
+            os.replace(tmp, self.path / USAGE_FILE)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _account_removed(self, size: int) -> None:
+        """Take `size` bytes off the shared account after a removal (call under the lock)."""
+        used = self._read_usage()
+        if used is not None:
+            self._write_usage(used - size)
 
     def remove_stale_temp_files(self, older_than: float = 3600.0) -> int:
         """Remove temp files of writers killed mid-write (older than `older_than` seconds); returns how many."""
@@ -243,10 +300,14 @@ class DiskTier:
         return self._file(key).exists()
 
     def evict(self, key: str) -> bool:
-        try:
-            self._file(key).unlink()
-        except FileNotFoundError:
-            return False
+        file = self._file(key)
+        with self.lock:
+            try:
+                size = file.stat().st_size
+                file.unlink()
+            except FileNotFoundError:
+                return False
+            self._account_removed(size)
         self._stats.evictions += 1
         return True
 
