@@ -51,7 +51,11 @@ def test_single_image_moved_reuses_tiled_entries_exactly(models, images, encoder
     ours = greedy(model, elsewhere, naive)
     assert naive.report.kv_hits == 1 and naive.report.prefix_tokens == 0
     assert naive.report.reused_tokens == image_tokens(model, elsewhere)
-    assert 0 < kl_first_token(plain, ours) < 0.05
+    kl = kl_first_token(plain, ours)
+    print(f"onevision single image moved, naive reuse: KL {kl:.3e}")
+    # measured 3.58e-4 (torch 2.14, CPU float32, this seeded toy): a few times that either way, so a reuse that
+    # gets worse (a wrong rotation, wrong rows, a mask leak) or silently stops reusing fails
+    assert 3.58e-4 / 5 < kl < 3.58e-4 * 5
 
 
 def test_variant_change_is_a_miss_then_hits_in_any_order(models, images, encoder_counter):

@@ -57,6 +57,37 @@ def test_apply_rotation_closed_form():
     torch.testing.assert_close(got, expected)
 
 
+def test_apply_rotation_keeps_the_cache_dtype_with_one_rounding():
+    """bf16 keys come back bf16, rounded once from the float32 result (mutation: the cast back dropped)."""
+    keys = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.bfloat16)
+    angle = torch.tensor(0.3)
+    c, s = torch.cos(angle), torch.sin(angle)
+    got = apply_rotation(keys, torch.full((1, 1, 4), c.item()), torch.full((1, 1, 4), s.item()))
+    assert got.dtype == torch.bfloat16
+    expected = torch.stack([1 * c - 3 * s, 2 * c - 4 * s, 3 * c + 1 * s, 4 * c + 2 * s]).view(1, 1, 4)
+    assert torch.equal(got, expected.to(torch.bfloat16))
+
+
+def test_position_delta_is_long_on_the_new_positions_device():
+    """Hand-computed deltas; the result is int64 whatever integer or float dtypes come in, and lives where the
+    new positions live (a meta tensor stands in for an accelerator: mixing it with CPU raises)."""
+    new = torch.tensor([[5, 6, 7], [9, 9, 9]], dtype=torch.int32)
+    old = torch.tensor([[1.0, 1.0, 2.0], [0.0, 4.0, 9.0]], dtype=torch.float64)
+    expected = torch.tensor([[4, 5, 5], [9, 5, 0]], dtype=torch.long)
+    for a, b, want in ((new, old, expected), (old.float(), new, -expected)):
+        got = position_delta(a, b)
+        assert got.dtype == torch.long
+        assert torch.equal(got, want)
+    both_int32 = position_delta(new, torch.zeros_like(new))
+    assert both_int32.dtype == torch.long
+    assert position_delta(new.to("meta"), old).device.type == "meta"
+
+
+def test_position_delta_refuses_other_shapes_naming_both():
+    with pytest.raises(ValueError, match=r"position shapes differ: \(3, 4\) vs \(3, 5\)"):
+        position_delta(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long))
+
+
 @pytest.mark.parametrize("delta", [7, -3, 250])
 def test_rerotation_1d(models, family, delta):
     model = models(family)[0]

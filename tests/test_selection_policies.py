@@ -7,10 +7,11 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
 from vlcache_hf.compat import with_cache
 from vlcache_hf.models import get_adapter
 from vlcache_hf.selection import (
+    POLICIES,
     CacheBlendPolicy,
     FirstTokensPolicy,
     LayerObservation,
@@ -18,9 +19,13 @@ from vlcache_hf.selection import (
     RandomPolicy,
     ReusedSpan,
     SelectionContext,
+    SelectionPolicy,
     VLCachePolicy,
     allocate_budgets,
+    make_policy,
+    register_policy,
 )
+from vlcache_hf.selection.baselines import budget_tokens, split_over_spans
 
 SELECTIVE = ["vlcache", "first_k", "random", "cacheblend"]
 
@@ -210,3 +215,119 @@ def test_vlcache_keeps_the_largest_deviation_weighted_by_what_follows():
     assert _sorted(kept) == sorted(FRESH + [5, 6])
     current = torch.tensor(_sorted(kept))
     assert policy.after_layer(2, ctx, current, _observation(2, current, {}, {})) is current  # budget 2 → 2
+
+
+# -- small cases worked out by hand (eval/mutate.py selection) ---------------------------------------------------
+
+
+def test_split_over_spans_by_hand():
+    """Largest remainder, capped at each span's length, earlier spans first on ties."""
+    assert split_over_spans([8, 4], 1) == [1, 0]  # exact 2/3 : 1/3
+    assert split_over_spans([2, 2], 1) == [1, 0]  # a tie: the earlier span
+    assert split_over_spans([5, 2], 3) == [2, 1]  # exact 15/7, 6/7: the later span has the larger remainder
+    assert split_over_spans([5, 2], 4) == [3, 1]  # exact 20/7, 8/7: floors 2 and 1, remainder 6/7 to the first
+    assert split_over_spans([1, 1], 5) == [1, 1]  # never more than a span holds
+    assert split_over_spans([3, 2], 0) == [0, 0] and split_over_spans([2], -1) == [0] and split_over_spans([], 3) == []
+
+
+def test_budget_tokens_by_hand():
+    assert budget_tokens(12, 0.25) == 3 and budget_tokens(12, 0.01) == 1 and budget_tokens(12, 2.0) == 12
+    assert budget_tokens(0, 0.5) == 0 and budget_tokens(12, 0.0) == 0
+
+
+def test_random_policy_defaults():
+    policy = RandomPolicy()
+    assert policy.recompute_ratio == 0.0 and policy.seed == 0
+    assert torch.equal(RandomPolicy(0.25).initial_set(_context()), RandomPolicy(0.25, seed=0).initial_set(_context()))
+
+
+@pytest.mark.parametrize(("num_layers", "select_at"), [(2, 0), (3, 1), (4, 1)])
+def test_cacheblend_selects_at_layer_one_or_the_last_but_one(num_layers, select_at):
+    """min(1, L − 2): a 2-layer model selects after layer 0, deeper ones after layer 1; other layers keep the set."""
+    ctx = _context(num_layers)
+    policy = CacheBlendPolicy(0.25)
+    current = torch.arange(20)
+    values = {5: 3.0, 6: 1.0, 14: 2.0, 15: 0.5}
+    for layer in range(num_layers - 1):
+        kept = policy.after_layer(layer, ctx, current, _observation(layer, current, {}, values))
+        if layer == select_at:
+            assert _sorted(kept) == sorted(FRESH + [5, 6, 14])
+        else:
+            assert kept is current
+
+
+def test_cacheblend_ranks_by_squared_deviation_whatever_its_sign():
+    ctx = _context()
+    current = torch.arange(20)
+    # squared: 5 → 9, 14 → 4, 6 → 1, 15 → 0.25: budget 3 keeps 5, 14, 6 (a signed cube would drop 14)
+    values = {5: 3.0, 6: 1.0, 14: -2.0, 15: 0.5}
+    kept = CacheBlendPolicy(0.25).after_layer(1, ctx, current, _observation(1, current, {}, values))
+    assert _sorted(kept) == sorted(FRESH + [5, 6, 14])
+
+
+def _shrinking_vlcache(refine: bool = True) -> VLCachePolicy:
+    # remaining error [2, 1, 1, 0], 12 moved tokens at 0.25: target 12 = c · (2 + 1 + 1 + 0) → c = 3 → [6, 3, 3, 0]
+    profile = LayerProfile("0123456789abcdef0123", 4, [2.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0], 2.0, 0, 1, "test")
+    return VLCachePolicy(0.25, profile=profile, refine=refine)
+
+
+def test_vlcache_shrinks_by_position_before_any_deviation_counts():
+    """Layer 0's deviation says nothing (a moved token's layer-0 K/V is exact after re-rotation): the first
+    shrink ranks by the positional prior (1 − offset in span) × (20 − t) / 20."""
+    ctx = _context()
+    policy = _shrinking_vlcache()
+    current = policy.initial_set(ctx)
+    assert policy.last_budgets == [6, 3, 3, 0]
+    # offsets: 4 → 0, 14 → 0, 5 → 1/8, 6 → 1/4, 15 → 1/4, 7 → 3/8 (ties: the earlier token)
+    assert _sorted(current) == sorted(FRESH + [4, 5, 6, 7, 14, 15])
+    current = torch.tensor(_sorted(current))
+    # prior: 4 → 16/20 = 0.8, 5 → 7/8 · 15/20 = 0.656, 6 → 3/4 · 14/20 = 0.525, 7 → 5/8 · 13/20 = 0.406,
+    # 14 → 6/20 = 0.3, 15 → 3/4 · 5/20 = 0.1875; budget 3 keeps 4, 5, 6 whatever layer 0's deviation says
+    kept = policy.after_layer(0, ctx, current, _observation(0, current, {7: 5.0, 14: 5.0, 15: 5.0}, {}))
+    assert _sorted(kept) == sorted(FRESH + [4, 5, 6])
+
+
+def test_vlcache_without_refinement_keeps_ranking_by_position():
+    ctx = _context()
+    policy = _profiled_vlcache(0.25)
+    policy.refine = False
+    current = torch.tensor(_sorted(policy.initial_set(ctx)))  # FRESH + [4, 5, 6, 14], budgets [4, 4, 2, 2]
+    # priors 4 → 0.8, 5 → 0.656, 6 → 0.525, 14 → 0.3: keeps 4 and 5 (the deviation would keep 6 and 14)
+    kept = policy.after_layer(1, ctx, current, _observation(1, current, {6: 5.0, 14: 9.0}, {}))
+    assert _sorted(kept) == sorted(FRESH + [4, 5])
+
+
+def test_vlcache_deviation_is_a_norm_whatever_the_sign():
+    ctx = _context()
+    policy = _profiled_vlcache(0.25)
+    current = torch.tensor(_sorted(policy.initial_set(ctx)))
+    # as in the test above with value Δ of token 14 = −2: |Δ| = 2, score 0.6 < token 6's 0.7 → keeps 5 and 6
+    observation = _observation(1, current, {5: 3.0, 6: 0.6}, {4: 0.1, 6: 0.8, 14: -2.0})
+    assert _sorted(policy.after_layer(1, ctx, current, observation)) == sorted(FRESH + [5, 6])
+
+
+def test_profile_budgets_describe_and_model_check():
+    profile = _shrinking_vlcache().profile
+    assert profile.budgets(12, 0.25) == [6, 3, 3, 0]
+    assert profile.describe() == "profile 0123456789ab (seed 0, 1 samples)"
+    profile.check_model("0123456789abcdef0123", 4)
+    with pytest.raises(VLCacheError, match=r"for model 0123456789abcdef… with 4 layers, not for this model "
+                                            r"\(fedcba9876543210…, 4 layers\)"):
+        profile.check_model("fedcba9876543210fedc", 4)
+    with pytest.raises(VLCacheError, match=r"\(0123456789abcdef…, 5 layers\)"):
+        profile.check_model("0123456789abcdef0123", 5)
+
+
+def test_register_policy_makes_a_policy_available_by_name():
+    class EveryOther(SelectionPolicy):
+        name = "every_other_test_only"
+
+        def initial_set(self, ctx: SelectionContext) -> torch.Tensor:
+            return ctx.fresh_indices
+
+    try:
+        assert register_policy(EveryOther) is EveryOther
+        policy = make_policy("every_other_test_only", 0.5)
+        assert type(policy) is EveryOther and policy.recompute_ratio == 0.5
+    finally:
+        POLICIES.pop("every_other_test_only", None)

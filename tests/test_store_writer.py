@@ -4,17 +4,21 @@ an event stands for a slow disk (an fsync) or a far Redis."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 import threading
 import time
 
+import pytest
 import torch
 from helpers import assert_same_as_plain, greedy
 
 from vlcache_hf import CacheStore, VLCache, toy
 from vlcache_hf.store.entry import StoredEntry
 from vlcache_hf.store.tiers import MemoryTier, TierStats
+from vlcache_hf.store.writer import WriteBehind
 
 KEY = "kv-" + "c" * 64
 
@@ -132,3 +136,96 @@ def test_interpreter_exit_writes_what_is_in_flight(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     got = CacheStore(f"disk://{tmp_path}").get(KEY)
     assert got is not None and got.tensors["kv"].numel() == 1 << 16
+
+
+# -- WriteBehind on its own (eval/mutate.py writer) -------------------------------------------------------------
+
+
+def _blocked_writer() -> tuple[WriteBehind, threading.Event, list]:
+    """A writer whose writes wait for `release`; `written` records (key, thread) per write."""
+    release, written = threading.Event(), []
+
+    def write(key, value):
+        assert release.wait(30), "test writer never released"
+        written.append((key, threading.current_thread()))
+
+    return WriteBehind(write), release, written
+
+
+def test_max_pending_must_be_positive():
+    with pytest.raises(ValueError, match="max_pending must be at least 1, got 0"):
+        WriteBehind(lambda key, value: None, max_pending=0)
+
+
+def test_writes_run_on_one_named_daemon_thread_and_leave_nothing_in_flight():
+    writer, release, written = _blocked_writer()
+    assert writer.flush(0) is True  # nothing submitted yet: flushed at once
+    first, second = entry(1.0), entry(2.0)
+    writer.submit(KEY, first)
+    writer.submit("kv-" + "e" * 64, second)
+    assert writer.pending(KEY) is first and len(writer) == 2
+    release.set()
+    assert writer.flush(10)
+    assert [key for key, _ in written] == [KEY, "kv-" + "e" * 64]
+    threads = {thread for _, thread in written}
+    assert len(threads) == 1
+    (thread,) = threads
+    # a daemon: a writer waiting for work must never keep the interpreter from exiting
+    assert thread.name == "vlcache-write-behind" and thread.daemon and thread is not threading.current_thread()
+    assert writer.pending(KEY) is None and len(writer) == 0
+
+
+def test_cancel_forgets_a_queued_write():
+    writer, release, written = _blocked_writer()
+    writer.submit("kv-" + "d" * 64, entry(1.0))  # occupies the writer
+    writer.submit(KEY, entry(2.0))
+    writer.cancel(KEY)
+    assert writer.pending(KEY) is None and len(writer) == 1
+    release.set()
+    assert writer.flush(10) and [key for key, _ in written] == ["kv-" + "d" * 64]
+
+
+def test_flush_times_out_and_leaves_no_thread_that_holds_up_exit():
+    writer, release, _ = _blocked_writer()
+    writer.submit(KEY, entry())
+    before = {t for t in threading.enumerate() if not t.daemon}
+    result: list[bool] = []
+    caller = threading.Thread(target=lambda: result.append(writer.flush(0.2)), daemon=True)
+    caller.start()
+    caller.join(10)
+    assert result == [False]  # the write is still blocked: not flushed, and flush returned after its timeout
+    assert {t for t in threading.enumerate() if not t.daemon} == before
+    release.set()
+    assert writer.flush(10) and len(writer) == 0
+
+
+def test_a_failing_write_is_logged_and_the_writer_goes_on(caplog):
+    written = []
+
+    def write(key, value):
+        if key == KEY:
+            raise RuntimeError("tier on fire")
+        written.append(key)
+
+    writer = WriteBehind(write)
+    with caplog.at_level(logging.ERROR, logger="vlcache_hf.store.writer"):
+        writer.submit(KEY, entry())
+        writer.submit("kv-" + "e" * 64, entry())
+        assert writer.flush(10)
+    assert written == ["kv-" + "e" * 64]
+    assert [r.getMessage() for r in caplog.records] == ["write-behind of a store entry failed"]
+    assert caplog.records[0].exc_info[1].args == ("tier on fire",)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_has_nothing_to_flush():
+    """Threads do not survive fork: the child's writer owns none of the parent's queued writes."""
+    writer, release, _ = _blocked_writer()
+    writer.submit(KEY, entry())
+    pid = os.fork()
+    if pid == 0:  # child: must not wait for the parent's blocked write
+        os._exit(0 if writer.flush(0.5) is True and writer.pending(KEY) is None else 1)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert writer.flush(10)

@@ -48,7 +48,10 @@ def test_video_exact_repeat_and_moved_reuse(models, family, clips):
     assert cache.report.kv_misses == 0 and cache.report.reused_tokens == video_tokens
     kl = kl_first_token(plain, ours)
     print(f"video moved, naive reuse: KL {kl:.3e}")
-    assert 0 < kl < 0.05
+    # measured (torch 2.14, CPU float32, these seeded toys): a few times that either way, so a reuse that gets
+    # worse (a wrong rotation, wrong rows, a mask leak) or silently stops reusing fails
+    measured = {"qwen2_5_vl": 4.72e-4, "qwen3_vl": 2.45e-4, "llava_onevision": 2.53e-4}[family]
+    assert measured / 5 < kl < measured * 5
 
     # layer-0 K/V depend only on token and position: the re-rotated video keys equal fresh ones
     reference = VLCache(model, store=CacheStore(), policy="full")
