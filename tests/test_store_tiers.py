@@ -4,12 +4,9 @@ package's exports. Expected values are written out from the URL text, not comput
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -39,35 +36,6 @@ def same(a: StoredEntry, b: StoredEntry) -> bool:
     return a.metadata == b.metadata and a.tensors.keys() == b.tensors.keys() and all(
         a.tensors[n].dtype == b.tensors[n].dtype and torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors
     )
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server must be installed in CI")
-        pytest.skip("redis-server is not installed")
-    pytest.importorskip("redis")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path_factory.mktemp("redis"))],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 # -- codec ----------------------------------------------------------------------------------------------------

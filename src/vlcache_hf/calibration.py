@@ -153,20 +153,3 @@ def _calibrate_command(args: argparse.Namespace) -> int:
         print(f"  layer {layer:2d}  remaining {left:.3e}  own {own:.3e}")
     print(f"wrote {path}")
     return 0
-
-
-def add_calibrate_command(subcommands) -> None:
-    """`vlcache calibrate`: wired into the CLI by `cli.py`."""
-    parser = subcommands.add_parser(
-        "calibrate",
-        help="measure per-layer sensitivity to reused K/V and write a LayerProfile (JSON)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", default="default", help="HF model directory, or 'default' (the embedded model)")
-    parser.add_argument("--data", default=None, help="directory of images (default: synthetic pictures)")
-    parser.add_argument("--samples", type=int, default=8, help="number of moved-image requests")
-    parser.add_argument("--images-per-sample", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="where to write the profile JSON")
-    parser.set_defaults(handler=_calibrate_command)
