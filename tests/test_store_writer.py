@@ -176,13 +176,25 @@ def test_writes_run_on_one_named_daemon_thread_and_leave_nothing_in_flight():
 
 
 def test_cancel_forgets_a_queued_write():
+    """Once `cancel` returns, no write of the key runs or will run (one already done may have happened
+    before: the store's `discard` then evicts it from the tiers)."""
     writer, release, written = _blocked_writer()
-    writer.submit("kv-" + "d" * 64, entry(1.0))  # occupies the writer
+    writer.submit("kv-" + "d" * 64, entry(1.0))  # the writer takes it and waits inside the write
     writer.submit(KEY, entry(2.0))
-    writer.cancel(KEY)
-    assert writer.pending(KEY) is None and len(writer) == 1
+
+    def cancel() -> None:
+        writer.cancel(KEY)  # waits for a write in progress
+        written.append(("cancel returned", threading.current_thread()))
+
+    cancelling = threading.Thread(target=cancel)
+    cancelling.start()
+    time.sleep(0.1)
     release.set()
-    assert writer.flush(10) and [key for key, _ in written] == ["kv-" + "d" * 64]
+    cancelling.join(10)
+    assert not cancelling.is_alive() and writer.pending(KEY) is None
+    assert writer.flush(10)
+    order = [key for key, _ in written]
+    assert "kv-" + "d" * 64 in order and KEY not in order[order.index("cancel returned") :]
 
 
 def test_flush_times_out_and_leaves_no_thread_that_holds_up_exit():
