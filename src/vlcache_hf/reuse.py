@@ -107,20 +107,32 @@ def load_prefix(
         entry = load_checked(store, prefix_key(fingerprint, chunk_hash), _parse_kv(fingerprint, layout, rows.numel()))
         if entry is None:
             break
-        parts = []
-        for span in spans:
-            if not (span.start < end and span.end > start):
-                continue
-            hit = image_hits.get(span.start)
-            if hit is None and span.start in contexts:
-                hit = load_image_kv(store, fingerprint, layout, span, contexts[span.start])
-            if hit is None or not hit.exact:
-                return chunks, image_hits
-            image_hits[span.start] = hit
-            first, last = max(start, span.start), min(end, span.end)
-            parts.append((first, last, hit.entry, first - span.start))
-        chunks.append(PrefixChunk(rows, entry, tuple(parts)))
+        parts = _exact_image_parts(store, fingerprint, layout, start, end, spans, contexts, image_hits)
+        if parts is None:
+            break
+        chunks.append(PrefixChunk(rows, entry, parts))
     return chunks, image_hits
+
+
+def _exact_image_parts(
+    store, fingerprint: str, layout: KVLayout, start: int, end: int, spans: list[ImageSpan],
+    contexts: dict[int, str], image_hits: dict[int, SpanHit],
+) -> tuple[tuple[int, int, KVEntry, int], ...] | None:
+    """The image rows of [start, end) from each overlapping image's exact entry (found before in `image_hits`,
+    or loaded and added there), as (first row, end row, entry, offset); None if one has no exact entry."""
+    parts = []
+    for span in spans:
+        if not (span.start < end and span.end > start):
+            continue
+        hit = image_hits.get(span.start)
+        if hit is None and span.start in contexts:
+            hit = load_image_kv(store, fingerprint, layout, span, contexts[span.start])
+        if hit is None or not hit.exact:
+            return None
+        image_hits[span.start] = hit
+        first, last = max(start, span.start), min(end, span.end)
+        parts.append((first, last, hit.entry, first - span.start))
+    return tuple(parts)
 
 
 def tail_key(fingerprint: str, parent_hash: str) -> str:
@@ -167,18 +179,8 @@ def load_tail(
         logger.warning("dropping store entry %s…: its rows do not match its recorded length", key[:20])
         store.discard(key)
         return None
-    parts = []
-    for span in spans:
-        if span.start < end and span.end > start:
-            hit = image_hits.get(span.start)
-            if hit is None and span.start in contexts:
-                hit = load_image_kv(store, fingerprint, layout, span, contexts[span.start])
-            if hit is None or not hit.exact:
-                return None
-            image_hits[span.start] = hit
-            first, last = max(start, span.start), min(end, span.end)
-            parts.append((first, last, hit.entry, first - span.start))
-    return PrefixChunk(rows, entry, tuple(parts)), end
+    parts = _exact_image_parts(store, fingerprint, layout, start, end, spans, contexts, image_hits)
+    return None if parts is None else (PrefixChunk(rows, entry, parts), end)
 
 
 def publish_tail(
