@@ -22,11 +22,12 @@ from statistics import median
 import torch
 from tqdm import tqdm
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
 from vlcache_hf.store.entry import StoredEntry
 from vlcache_hf.store.keys import ENCODER_KIND, KV_KIND, entry_key
 from vlcache_hf.store.tiers import MemoryTier
+from vlcache_hf.tools import toy
 
 
 def filler(store: CacheStore, count: int, kv_shape: tuple[int, ...], fingerprint: str) -> None:

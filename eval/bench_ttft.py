@@ -2,7 +2,7 @@
 
 import sys
 
-from vlcache_hf.cli import main
+from vlcache_hf.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -48,12 +48,13 @@ from pathlib import Path
 
 import torch
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
 from vlcache_hf.store.codec import KEY_PATTERN
 from vlcache_hf.store.disk import SUFFIX, DiskTier
 from vlcache_hf.store.redis_tier import RedisTier
 from vlcache_hf.store.tiers import MemoryTier
+from vlcache_hf.tools import toy
 
 KINDS = ("sigkill_writer", "truncate", "bitflip", "garbage", "swap", "vanish", "disk_full", "read_only",
          "redis_kill", "redis_corrupt", "gc", "threads")
@@ -342,7 +343,7 @@ class Campaign:
         self.request()
 
     def fault_gc(self) -> None:
-        from vlcache_hf.store_cli import cmd_gc
+        from vlcache_hf.tools.store_cli import cmd_gc
 
         args = argparse.Namespace(path=str(self.disk.path), budget=str(self.rng.randrange(1, DISK_BUDGET)), temp_age=0.5)
 

@@ -34,11 +34,11 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from vlcache_hf import synthetic
 from vlcache_hf.calibration import calibrate
-from vlcache_hf.fidelity import Mode, compare_modes, moved_image_request, standard_modes
-from vlcache_hf.pretrained import load_deep, load_default
 from vlcache_hf.selection import VLCachePolicy
+from vlcache_hf.tools import synthetic
+from vlcache_hf.tools.fidelity import Mode, compare_modes, moved_image_request, standard_modes
+from vlcache_hf.tools.pretrained import load_deep, load_default
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ["vlcache", "first_k", "cacheblend", "random"]

@@ -51,10 +51,11 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
 from vlcache_hf.models import request_images
 from vlcache_hf.processor import VLCacheProcessor
+from vlcache_hf.tools import toy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

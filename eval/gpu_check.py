@@ -10,9 +10,10 @@ Steps, each written to the report as it finishes (a later failure keeps the earl
    (greedy tokens; largest logit difference), and a moved request with policy "vlcache" at 5 % (runs,
    reports moved tokens);
 3. load bandwidth host → device from pageable and from pinned memory (what a CPU-tier hit costs);
-4. TTFT benchmark (`vlcache_hf.bench`) on a Qwen2.5-VL with a 7B-shaped text model (28 layers, hidden 3584,
-   28 heads / 4 KV heads) and random weights in bfloat16, 4 images × 1,024 tokens, every mode side by side,
-   with peak GPU memory per scenario and decode ms/token after a full and after a VLCache prefill.
+4. TTFT benchmark (`vlcache_hf.tools.bench`) on a Qwen2.5-VL with a 7B-shaped text model (28 layers,
+   hidden 3584, 28 heads / 4 KV heads) and random weights in bfloat16, 4 images × 1,024 tokens, every mode
+   side by side, with peak GPU memory per scenario and decode ms/token after a full and after a VLCache
+   prefill.
 
 `--dry-run` keeps every step but runs it on CPU at toy sizes (one repeat), so CI proves the script works.
 """
@@ -32,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from vlcache_hf import CacheStore, VLCache, toy
-from vlcache_hf.bench import BenchSize, bench_scenarios, markdown
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
+from vlcache_hf.tools import toy
+from vlcache_hf.tools.bench import BenchSize, bench_scenarios, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the text model of Qwen2.5-VL-7B (vision tower kept small: the benchmark is about the decoder's prefill)

@@ -33,12 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faults import RedisServer  # noqa: E402
 
-from vlcache_hf import CacheStore, VLCache, toy  # noqa: E402
+from vlcache_hf import CacheStore, VLCache  # noqa: E402
 from vlcache_hf.compat import with_cache  # noqa: E402
 from vlcache_hf.store.disk import DiskTier  # noqa: E402
 from vlcache_hf.store.entry import StoredEntry  # noqa: E402
 from vlcache_hf.store.redis_tier import RedisTier  # noqa: E402
 from vlcache_hf.store.tiers import MemoryTier  # noqa: E402
+from vlcache_hf.tools import toy  # noqa: E402
 
 
 def make_reference(path: Path, distinct: int) -> list[list[str]]:

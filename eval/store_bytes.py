@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
 from vlcache_hf.models import get_adapter
 from vlcache_hf.store.keys import ENCODER_KIND
+from vlcache_hf.tools import toy
 
 #: a LLaVA-1.5-7B-shaped decoder cut to 2 layers (as issue 18 measured), and the default toy Qwen2.5-VL
 SHAPES = {

@@ -3,9 +3,10 @@
     python examples/multi_turn_chat.py
 """
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
-from vlcache_hf.demo import load_demo_model
+from vlcache_hf.tools import toy
+from vlcache_hf.tools.demo import load_demo_model
 
 model, processor, description = load_demo_model()
 store = CacheStore()

@@ -3,9 +3,10 @@
     python examples/processor_skips_preprocessing.py
 """
 
-from vlcache_hf import CacheStore, VLCache, VLCacheProcessor, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheProcessor
 from vlcache_hf.compat import with_cache
-from vlcache_hf.demo import load_demo_model
+from vlcache_hf.tools import toy
+from vlcache_hf.tools.demo import load_demo_model
 
 model, processor, _ = load_demo_model()
 store = CacheStore()

@@ -4,9 +4,10 @@ Runs in seconds on a CPU with the embedded tiny model (or a random-weight toy mo
     python examples/reuse_moved_images.py
 """
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
-from vlcache_hf.demo import load_demo_model
+from vlcache_hf.tools import toy
+from vlcache_hf.tools.demo import load_demo_model
 
 model, processor, description = load_demo_model()
 store = CacheStore()  # shared by every request; one in-memory tier by default

@@ -11,8 +11,8 @@ import time
 import pytest
 from helpers import EncoderCounter
 
-from vlcache_hf import toy
 from vlcache_hf.models import get_adapter
+from vlcache_hf.tools import toy
 
 
 @pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision"])

@@ -8,9 +8,10 @@ import pytest
 import torch
 from helpers import assert_same_as_plain, greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf import prefill as prefill_module
 from vlcache_hf.attention import DenseMaskSDPA, backend_for
+from vlcache_hf.tools import toy
 
 
 class _Plan:

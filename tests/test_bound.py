@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vlcache_hf.bound import BoundInputs, LayerFlops, ideal_ttft
 from vlcache_hf.metrics import PrefillReport
+from vlcache_hf.tools.bound import BoundInputs, LayerFlops, ideal_ttft
 
 
 def test_layer_flops_by_hand():

@@ -9,9 +9,10 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, calibrate, toy
-from vlcache_hf.cli import main as cli_main
+from vlcache_hf import CacheStore, VLCache, VLCacheError, calibrate
 from vlcache_hf.selection import LayerProfile
+from vlcache_hf.tools import toy
+from vlcache_hf.tools.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")

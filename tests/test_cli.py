@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import vlcache_hf
-from vlcache_hf.cli import BENCH_DEFAULT_OUT, BENCH_SIZES, build_parser, main
+from vlcache_hf.tools.cli import BENCH_DEFAULT_OUT, BENCH_SIZES, build_parser, main
 
 HELP_COMMANDS = [
     ["--help"],
@@ -27,8 +27,8 @@ HELP_COMMANDS = [
     ["store", "gc", "--help"],
 ]
 
-# Runs `python -m vlcache_hf.cli ARGS` for each command in one fresh interpreter, then reports its exit codes,
-# outputs and which heavy modules got imported along the way.
+# Runs `python -m vlcache_hf.tools.cli ARGS` for each command in one fresh interpreter, then reports its exit
+# codes, outputs and which heavy modules got imported along the way.
 RUNNER = """
 import contextlib, io, json, runpy, sys
 report = []
@@ -38,7 +38,7 @@ for argv in json.loads(sys.argv[1]):
     code = 0
     with contextlib.redirect_stdout(out):
         try:
-            runpy.run_module("vlcache_hf.cli", run_name="__main__")
+            runpy.run_module("vlcache_hf.tools.cli", run_name="__main__")
         except SystemExit as exit:
             code = exit.code
     report.append({"argv": argv, "code": code, "out": out.getvalue()})
@@ -73,7 +73,7 @@ def test_version_matches_the_package_metadata():
 
 
 def test_bench_options_agree_with_the_benchmark():
-    from vlcache_hf.bench import SIZES
+    from vlcache_hf.tools.bench import SIZES
 
     assert sorted(BENCH_SIZES) == sorted(SIZES)
     args = build_parser().parse_args(["bench"])
@@ -138,7 +138,7 @@ def test_demo_input_mistakes_fail_before_loading_a_model(tmp_path, capsys):
 
 def test_user_errors_leave_no_traceback_in_a_real_process(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "vlcache_hf.cli", "store", "ls", "--path", str(tmp_path / "missing")],
+        [sys.executable, "-m", "vlcache_hf.tools.cli", "store", "ls", "--path", str(tmp_path / "missing")],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and done.stdout == ""
@@ -163,7 +163,7 @@ def test_bench_refuses_to_overwrite_results_without_force(tmp_path, capsys):
 
 
 def test_bench_markdown_flags_one_repeat_as_noise():
-    from vlcache_hf.bench import ModeResult, markdown
+    from vlcache_hf.tools.bench import ModeResult, markdown
 
     row = ModeResult("b", "naive", {"median": 0.01, "min": 0.01, "max": 0.01}, speedup=98.0)
     noisy, measured = markdown([row], repeats=1), markdown([row], repeats=3)

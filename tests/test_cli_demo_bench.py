@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from vlcache_hf.bench import MODES
-from vlcache_hf.cli import main
+from vlcache_hf.tools.bench import MODES
+from vlcache_hf.tools.cli import main
 
 
 def test_demo_prints_every_turn(capsys):
@@ -24,7 +24,7 @@ def test_demo_prints_every_turn(capsys):
 
 
 def test_demo_answers_and_note_per_policy():
-    from vlcache_hf.demo import TurnResult, approximation_note, format_results
+    from vlcache_hf.tools.demo import TurnResult, approximation_note, format_results
 
     assert "equals plain generate" in approximation_note("full")
     assert "recomputes none of them" in approximation_note("none")

@@ -9,8 +9,9 @@ import torch
 from helpers import assert_same_as_plain, greedy
 from transformers import AutoModelForImageTextToText
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError
 from vlcache_hf.fingerprint import fingerprint
+from vlcache_hf.tools import toy
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vlcache_hf import CacheStore, UnsupportedModelError, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, UnsupportedModelError, VLCache, VLCacheError
+from vlcache_hf.tools import toy
 
 
 def test_unsupported_model():

@@ -12,9 +12,10 @@ import pytest
 import torch
 from helpers import assert_same_as_plain, greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.plan import find_image_spans, plan_prefill
 from vlcache_hf.store.keys import CONTEXT_BLOCK, chain_prefix_hashes, context_hashes
+from vlcache_hf.tools import toy
 
 PREAMBLE = "Please look very carefully, and take your time, at the first picture here:"
 

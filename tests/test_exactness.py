@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import assert_full_policy_reuses_encoder_exactly, assert_same_as_plain, greedy, kl_first_token
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
+from vlcache_hf.tools import toy
 
 
 def request(processor, images, preamble: str, order: list[int], question: str = "What is shown?"):

@@ -12,9 +12,10 @@ import torch
 from helpers import greedy
 
 import vlcache_hf.fingerprint as fingerprint_module
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.fingerprint import fingerprint
 from vlcache_hf.models import get_adapter
+from vlcache_hf.tools import toy
 
 
 def _inputs(processor, images):

@@ -6,9 +6,10 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.models import get_adapter
 from vlcache_hf.store.entry import FORMAT_VERSION, EncoderEntry, KVEntry, StoredEntry
+from vlcache_hf.tools import toy
 
 
 def layout_hidden(model) -> int:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from vlcache_hf import toy
+from vlcache_hf.tools import toy
 
 _PATH = Path(__file__).resolve().parents[1] / "eval" / "fuzz_exactness.py"
 _spec = importlib.util.spec_from_file_location("fuzz_exactness", _PATH)

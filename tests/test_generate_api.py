@@ -7,7 +7,8 @@ import torch
 from helpers import greedy
 from transformers.generation.streamers import BaseStreamer
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError
+from vlcache_hf.tools import toy
 
 
 def test_multi_turn_chat_reuses_turn_one(models, images):

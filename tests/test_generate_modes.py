@@ -11,8 +11,9 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
+from vlcache_hf.tools import toy
 
 
 def request(processor, images, preamble: str, order: list[int], question: str = "What is shown? Say it twice."):

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlcache_hf import toy
+from vlcache_hf.tools import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,9 @@ import torch
 from helpers import greedy
 from PIL import Image
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.processor import VLCacheProcessor
+from vlcache_hf.tools import toy
 
 FAMILY = "qwen2_5_vl"
 

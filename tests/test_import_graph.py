@@ -1,6 +1,9 @@
 """No import cycles inside the package, counting imports made inside functions too (a lazy import that only
 hides a cycle still couples the two modules both ways). `__init__` files are left out: the package's own
-lazy table (and `store/__init__`'s) name everything by design."""
+lazy table (and `store/__init__`'s) name everything by design.
+
+And the layout of issue 15: no runtime module (`__init__` files included) imports the tooling subpackage
+`vlcache_hf.tools`, again counting imports inside functions."""
 
 from __future__ import annotations
 
@@ -26,21 +29,24 @@ def _resolve(current: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
     return [n for n in names if n.startswith("vlcache_hf")]
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(packages: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (`packages=True`: `__init__` files too, both ways)."""
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
-        if path.name == "__init__.py":
+        is_package = path.name == "__init__.py"
+        if is_package and not packages:
             continue
         edges: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                targets = _resolve(name, False, node)
+                targets = _resolve(name, is_package, node)
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names if a.name.startswith("vlcache_hf")]
             else:
                 continue
-            edges |= {t for t in targets if t in files and t != name and files[t].name != "__init__.py"}
+            kept = {t for t in targets if t in files and t != name}
+            edges |= kept if packages else {t for t in kept if files[t].name != "__init__.py"}
         graph[name] = edges
     return graph
 
@@ -76,3 +82,46 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "vlcache_hf.cache" in graph and "vlcache_hf.hook" in graph["vlcache_hf.cache"]  # the graph is real
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+#: the tooling subpackage (toy models, synthetic data, pretrained loader, demo, bench, bound, fidelity, CLI)
+TOOLING = "vlcache_hf.tools"
+#: modules outside it that may import it: the lmms-eval model (loads the embedded model for
+#: `pretrained=default`) and `calibration` (`calibrate` runs its probe requests through `tools.fidelity`;
+#: `vlcache calibrate` loads its model and pictures from `tools.demo` and `tools.synthetic`) — neither is
+#: loaded by `import vlcache_hf` or by a request (`tests/test_import_purity.py`)
+MAY_IMPORT_TOOLING = {"vlcache_hf.calibration", "vlcache_hf.integrations.lmms_eval"}
+
+
+def _is_tooling(name: str) -> bool:
+    return name == TOOLING or name.startswith(TOOLING + ".")
+
+
+def runtime_imports_of_tooling(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted(
+        (name, target)
+        for name, targets in graph.items()
+        if not _is_tooling(name) and name not in MAY_IMPORT_TOOLING
+        for target in targets
+        if _is_tooling(target)
+    )
+
+
+def test_the_checker_finds_runtime_imports_of_tooling():
+    graph = {
+        "vlcache_hf.cache": {"vlcache_hf.hook", "vlcache_hf.tools.toy"},
+        "vlcache_hf.models": {"vlcache_hf.tools"},
+        "vlcache_hf.tools.demo": {"vlcache_hf.cache", "vlcache_hf.tools.toy"},
+        "vlcache_hf.toolsy": {"vlcache_hf.cache"},
+    }
+    assert runtime_imports_of_tooling(graph) == [
+        ("vlcache_hf.cache", "vlcache_hf.tools.toy"),
+        ("vlcache_hf.models", "vlcache_hf.tools"),
+    ]
+
+
+def test_runtime_imports_no_tooling():
+    graph = import_graph(packages=True)
+    assert "vlcache_hf.cache" in graph["vlcache_hf.tools.demo"]  # the graph is real, tooling included
+    assert "vlcache_hf.tools.fidelity" in graph["vlcache_hf.calibration"]  # and sees the allowed imports
+    assert runtime_imports_of_tooling(graph) == []

@@ -18,15 +18,17 @@ import vlcache_hf
 #: never imported by the runtime: third-party stacks of the tooling, and the tooling modules themselves
 FORBIDDEN_PACKAGES = ("matplotlib", "datasets", "lmms_eval", "evaluate")
 FORBIDDEN_MODULES = (
-    "vlcache_hf.toy",
-    "vlcache_hf.synthetic",
-    "vlcache_hf.pretrained",
-    "vlcache_hf.demo",
-    "vlcache_hf.bench",
-    "vlcache_hf.fidelity",
+    "vlcache_hf.tools",  # the tooling subpackage and every module in it:
+    "vlcache_hf.tools.toy",
+    "vlcache_hf.tools.synthetic",
+    "vlcache_hf.tools.pretrained",
+    "vlcache_hf.tools.demo",
+    "vlcache_hf.tools.bench",
+    "vlcache_hf.tools.bound",
+    "vlcache_hf.tools.fidelity",
+    "vlcache_hf.tools.cli",
+    "vlcache_hf.tools.store_cli",
     "vlcache_hf.calibration",
-    "vlcache_hf.cli",
-    "vlcache_hf.store_cli",
     "vlcache_hf.integrations",
 )
 
@@ -92,6 +94,8 @@ def test_lazy_table_and_type_checking_imports_agree_with_all():
     }
     assert typed == vlcache_hf._LAZY
     assert set(vlcache_hf.__all__) == set(vlcache_hf._LAZY) | {"__version__"}
+    # runtime names only: no public name is re-exported from the tooling or the integrations
+    assert not [m for m in vlcache_hf._LAZY.values() if m.startswith((".tools", ".integrations"))]
 
 
 def test_py_typed_is_shipped():

@@ -16,8 +16,9 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.processor import VLCacheProcessor
+from vlcache_hf.tools import toy
 
 
 def _turn(images: list) -> list[dict]:

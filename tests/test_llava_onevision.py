@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from helpers import assert_full_policy_reuses_encoder_exactly, greedy, kl_first_token
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.models import get_adapter
 from vlcache_hf.processor import VLCacheProcessor
+from vlcache_hf.tools import toy
 
 FAMILY = "llava_onevision"
 

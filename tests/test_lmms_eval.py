@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlcache_hf import synthetic
 from vlcache_hf.integrations.lmms_eval import (
     CLASS_PATH,
     MODEL_ID,
@@ -29,6 +28,7 @@ from vlcache_hf.integrations.lmms_eval import (
     register,
     summarize,
 )
+from vlcache_hf.tools import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "eval" / "tasks"

@@ -13,7 +13,8 @@ import torch
 from helpers import greedy
 from transformers import AutoModelForImageTextToText
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
+from vlcache_hf.tools import toy
 
 WINDOW = 8
 MAX_POSITIONS = 64  # the "Hi" + 1 image prompt stays below, the two-image prompts go past it

@@ -8,9 +8,10 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError
 from vlcache_hf.processor import VLCacheProcessor, seen_pixels
 from vlcache_hf.store.keys import image_key_from_seen
+from vlcache_hf.tools import toy
 
 
 def test_hits_skip_preprocessing_and_encoder(models, family, images, encoder_counter):

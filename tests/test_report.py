@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
+from vlcache_hf.tools import toy
 
 CHUNK = 16
 IMAGE_TOKENS = toy.image_tokens(112)

@@ -15,10 +15,11 @@ import torch
 from helpers import EncoderCounter, greedy
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.models import get_adapter
 from vlcache_hf.selection import SelectionContext, SelectionPolicy
 from vlcache_hf.store.keys import ENCODER_KIND
+from vlcache_hf.tools import toy
 
 FAMILY = "qwen2_5_vl"
 

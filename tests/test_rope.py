@@ -8,9 +8,10 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.models import get_adapter
 from vlcache_hf.rope import apply_rotation, position_delta
+from vlcache_hf.tools import toy
 
 
 def model_keys_at(model, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError
 from vlcache_hf.compat import with_cache
 from vlcache_hf.models import get_adapter
 from vlcache_hf.selection import (
@@ -26,6 +26,7 @@ from vlcache_hf.selection import (
     register_policy,
 )
 from vlcache_hf.selection.baselines import budget_tokens, split_over_spans
+from vlcache_hf.tools import toy
 
 SELECTIVE = ["vlcache", "first_k", "random", "cacheblend"]
 

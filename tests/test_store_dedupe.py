@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from helpers import assert_same_as_plain, greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.store.keys import KV_KIND, PREFIX_KIND
+from vlcache_hf.tools import toy
 
 CHUNK = 16
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError
 from vlcache_hf.store.disk import DiskTier
 from vlcache_hf.store.entry import StoredEntry
 from vlcache_hf.store.tiers import MemoryTier
+from vlcache_hf.tools import toy
 
 KEY = "kv-" + "a" * 64
 
@@ -207,7 +208,7 @@ def test_one_line_constructor_and_sizes(tmp_path):
 
 
 def test_store_cli(tmp_path, capsys):
-    from vlcache_hf.cli import main
+    from vlcache_hf.tools.cli import main
 
     tier = DiskTier(tmp_path, 10**8)
     for i in range(4):

@@ -21,9 +21,10 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError
 from vlcache_hf.store.disk import DiskTier
 from vlcache_hf.store.entry import StoredEntry
+from vlcache_hf.tools import toy
 
 PASSWORD = "s3cret-pw-0xdeadbeef"
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import greedy
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError, toy
+from vlcache_hf import CacheStore, VLCache, VLCacheError
 from vlcache_hf.store.entry import StoredEntry
+from vlcache_hf.tools import toy
 
 
 def test_round_trip_chunked_and_corruption(redis_url):

@@ -15,10 +15,11 @@ import pytest
 import torch
 from helpers import assert_same_as_plain, greedy
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.store.entry import StoredEntry
 from vlcache_hf.store.tiers import MemoryTier, TierStats
 from vlcache_hf.store.writer import WriteBehind
+from vlcache_hf.tools import toy
 
 KEY = "kv-" + "c" * 64
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vlcache_hf import synthetic, toy
-from vlcache_hf.pretrained import DEFAULT_MODEL_DIR, load_deep
-from vlcache_hf.synthetic import Item, Scene
+from vlcache_hf.tools import synthetic, toy
+from vlcache_hf.tools.pretrained import DEFAULT_MODEL_DIR, load_deep
+from vlcache_hf.tools.synthetic import Item, Scene
 
 ROOT = Path(__file__).resolve().parents[1]
 #: sha256 of the records of test items 0–299 and train items 0–49 (default arguments), and of train items

@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import assert_full_policy_reuses_encoder_exactly, greedy, kl_first_token
 
-from vlcache_hf import CacheStore, VLCache, toy
+from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.models import get_adapter
+from vlcache_hf.tools import toy
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import batch_inputs  # noqa: E402
 
-from vlcache_hf import synthetic  # noqa: E402
+from vlcache_hf.tools import synthetic  # noqa: E402
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model, processor = AutoModelForImageTextToText.from_pretrained(args.model).eval(), AutoProcessor.from_pretrained(args.model)
     else:
-        from vlcache_hf.pretrained import load_default
+        from vlcache_hf.tools.pretrained import load_default
 
         model, processor = load_default()
     items = synthetic.make_split(args.split, args.items)

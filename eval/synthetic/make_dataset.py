@@ -3,7 +3,7 @@
     python eval/synthetic/make_dataset.py                 # writes eval/synthetic/data/{validation,test}.parquet
     python eval/synthetic/make_dataset.py --check         # regenerate in memory, compare with the files
 
-Items come from `vlcache_hf.synthetic.make_split` (seeded, so the files are reproducible byte for byte);
+Items come from `vlcache_hf.tools.synthetic.make_split` (seeded, so the files are reproducible byte for byte);
 the pictures are drawn by `synthetic.render` and stored as PNG in a list-of-`datasets.Image()` column.
 Columns: `id`, `images`, `preamble` (the text before the images), `question`, `instruction` (the text after
 the images is `question + " " + instruction`), `answer`, `kind`, `backward`, `num_images`, and `record`
@@ -18,7 +18,7 @@ import io
 import json
 from pathlib import Path
 
-from vlcache_hf import synthetic
+from vlcache_hf.tools import synthetic
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SIZES = {"validation": 500, "test": 2000}

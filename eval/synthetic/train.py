@@ -4,7 +4,7 @@
     python eval/synthetic/train.py --steps 20 --out /tmp/m  # a quick look
 
 The checkpoint (safetensors + processor) goes to `src/vlcache_hf/assets/tiny-qwen2.5-vl-vqa/` by default,
-where `vlcache_hf.pretrained.load_default()` finds it; the loss curve and the log go to eval/results/.
+where `vlcache_hf.tools.pretrained.load_default()` finds it; the loss curve and the log go to eval/results/.
 Training items are drawn from the 'train' split by index (seeded, deterministic); the answer is one token
 (each task word is one token of the tokenizer), trained with the loss on the answer and end-of-turn tokens.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vlcache_hf import synthetic, toy
-from vlcache_hf.pretrained import DEFAULT_MODEL_DIR, MODEL_SIZE
+from vlcache_hf.tools import synthetic, toy
+from vlcache_hf.tools.pretrained import DEFAULT_MODEL_DIR, MODEL_SIZE
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ it resumes from `eval/synthetic/checkpoints/deep/step-*/` — model, AdamW state
 all safetensors / JSON — and continues the exact same trajectory (items are drawn by index, the learning rate
 is a function of the step, so a resumed run is bitwise the uninterrupted one at the same thread count).
 When the last step is reached (or validation passes the target early) it exports the model in float16 with
-its processor to `src/vlcache_hf/assets/tiny-qwen2.5-vl-deep/` (`vlcache_hf.pretrained.load_deep()`),
+its processor to `src/vlcache_hf/assets/tiny-qwen2.5-vl-deep/` (`vlcache_hf.tools.pretrained.load_deep()`),
 measures test accuracy through the plain processor path, and writes eval/results/train_deep_vqa.{json,png}.
 
 Cost on a 2-core CPU: the model is small and deep (8 layers, hidden 128, GQA); a step's batch has one image
@@ -44,8 +44,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlcache_hf import synthetic, toy
-from vlcache_hf.pretrained import DEEP_MODEL_DIR, DEEP_MODEL_SIZE, DEEP_TRAIN_COMMAND
+from vlcache_hf.tools import synthetic, toy
+from vlcache_hf.tools.pretrained import DEEP_MODEL_DIR, DEEP_MODEL_SIZE, DEEP_TRAIN_COMMAND
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "eval" / "synthetic" / "checkpoints" / "deep"
@@ -327,7 +327,7 @@ def write_log(results: Path, state: dict, extra: dict | None = None) -> None:
 @torch.no_grad()
 def test_accuracy(directory: Path, items: int) -> dict[str, float]:
     """Accuracy of the *exported* model through the ordinary processor path (pixels, plain forward)."""
-    from vlcache_hf.pretrained import load_deep
+    from vlcache_hf.tools.pretrained import load_deep
 
     model, processor = load_deep(directory=directory)
     hits, totals = Counter(), Counter()

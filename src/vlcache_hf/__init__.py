@@ -5,8 +5,8 @@
     out = model.generate(**inputs, past_key_values=VLCache(model, store=store), max_new_tokens=64)
 
 `import vlcache_hf` is cheap: each public name is imported from its module on first use (PEP 562), so the
-command line answers `--help` without importing torch, and the runtime never imports the tooling (toy
-models, benchmark, demo, integrations) unless asked for.
+command line answers `--help` without importing torch, and the runtime never imports the tooling
+(`vlcache_hf.tools`: toy models, benchmark, demo, the command line) or the integrations unless asked for.
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from ._version import __version__
 from .errors import VLCacheError
-from .fidelity import chat_inputs, kl_divergence, moved_image_request, run_probe, warm_store
 from .fingerprint import fingerprint
 from .models import get_adapter
 from .selection import LayerProfile, SelectionContext, SelectionPolicy
 from .selection.profile import ALLOCATION_RULE
 from .store.store import CacheStore
+from .tools.fidelity import chat_inputs, kl_divergence, moved_image_request, run_probe, warm_store
 
 
 class RecomputeBelowDepth(SelectionPolicy):
@@ -122,7 +122,7 @@ def _load_images(data: str | None, num_samples: int, images_per_sample: int, see
     from PIL import Image
 
     if data is None:
-        from .synthetic import make_split, render
+        from .tools.synthetic import make_split, render
 
         items = make_split("validation", num_samples)
         return [[render(scene) for scene in item.scenes] for item in items]
@@ -141,7 +141,7 @@ def _load_images(data: str | None, num_samples: int, images_per_sample: int, see
 
 
 def _calibrate_command(args: argparse.Namespace) -> int:
-    from .demo import load_demo_model
+    from .tools.demo import load_demo_model
 
     model, processor, description = load_demo_model(None if args.model == "default" else args.model)
     samples = _load_images(args.data, args.samples, args.images_per_sample, args.seed)

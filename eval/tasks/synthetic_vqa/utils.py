@@ -1,10 +1,10 @@
 """lmms-eval hooks of the local `synthetic_vqa` tasks (data: eval/synthetic/data/*.parquet).
 
-Each doc is one item of `vlcache_hf.synthetic`: a preamble, 2–3 small labelled pictures, then a question and an
-instruction. `doc_to_text` is the text of `synthetic.messages(item)` (the prompt the embedded model was
-trained on, rebuilt from the doc's `record`) with one `<image>` placeholder where each picture goes
-(lmms-eval's convention; the `vlcache` model puts the pictures there). The score is exact match of the
-lowercased first word of the model's answer with the one-word gold answer.
+Each doc is one item of `vlcache_hf.tools.synthetic`: a preamble, 2–3 small labelled pictures, then a
+question and an instruction. `doc_to_text` is the text of `synthetic.messages(item)` (the prompt the
+embedded model was trained on, rebuilt from the doc's `record`) with one `<image>` placeholder where each
+picture goes (lmms-eval's convention; the `vlcache` model puts the pictures there). The score is exact match
+of the lowercased first word of the model's answer with the one-word gold answer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from vlcache_hf import synthetic
+from vlcache_hf.tools import synthetic
 
 _WORD = re.compile(r"[a-z]+")
 _KIND_CHOICES = {

@@ -10,7 +10,7 @@ same arguments as `lmms-eval`: it registers the model, then runs lmms-eval's own
 
 Model args (`--model_args k=v,...`):
     pretrained       a model directory or hub id loadable by `AutoModelForImageTextToText` + `AutoProcessor`;
-                     `default` is the embedded tiny model (`vlcache_hf.pretrained.load_default()`)
+                     `default` is the embedded tiny model (`vlcache_hf.tools.pretrained.load_default()`)
     policy           any `VLCache` policy ("vlcache", "full", "none", "first_k", "cacheblend", "random"), or
                      "plain": `model.generate` without VLCache (the reference)          [vlcache]
     recompute_ratio  share of reused tokens to recompute, in [0, 1]                      [0.05]
@@ -337,7 +337,7 @@ class VLCacheLMM(lmms):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if str(pretrained) == "default":
-            from ..pretrained import load_default
+            from ..tools.pretrained import load_default
 
             model, processor = load_default(dtype=None if torch_dtype == "auto" else torch_dtype)
         else:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from ..cache import VLCache
+from ..compat import with_cache
+from ..errors import VLCacheError
+from ..selection import make_policy
+from ..store.store import CacheStore
+from ..timing import time_first_token
 from . import toy
-from .cache import VLCache
-from .compat import with_cache
-from .errors import VLCacheError
-from .selection import make_policy
-from .store.store import CacheStore
-from .timing import time_first_token
 
 
 @dataclass

@@ -18,7 +18,7 @@ from statistics import median
 
 import torch
 
-from .metrics import PrefillReport
+from ..metrics import PrefillReport
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import VLCache
-from .compat import with_cache
-from .selection import LayerProfile, SelectionPolicy
-from .store.store import CacheStore
+from ..cache import VLCache
+from ..compat import with_cache
+from ..selection import LayerProfile, SelectionPolicy
+from ..store.store import CacheStore
 
 WARMUP_PREAMBLES = (
     "Describe each of these pictures briefly.",

@@ -15,10 +15,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import NoReturn
 
-from ._version import __version__
-from .errors import VLCacheError
+from .._version import __version__
+from ..errors import VLCacheError
 
-#: `vlcache bench --size` choices: the keys of `vlcache_hf.bench.SIZES` (a test checks that they agree)
+#: `vlcache bench --size` choices: the keys of `vlcache_hf.tools.bench.SIZES` (a test checks they agree)
 BENCH_SIZES = ("medium", "small", "smoke")
 #: where `vlcache bench` writes unless `--out` says otherwise: a directory of its own under the current one
 BENCH_DEFAULT_OUT = "vlcache-bench"
@@ -70,7 +70,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .calibration import _calibrate_command
+    from ..calibration import _calibrate_command
 
     return _calibrate_command(args)
 
@@ -114,7 +114,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_command(sub) -> None:
-    doc = _module_doc("vlcache_hf.bench")
+    doc = _module_doc("vlcache_hf.tools.bench")
     bench = sub.add_parser(
         "bench",
         help="TTFT benchmark, every reuse mode side by side",

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import VLCacheError
+from ..errors import VLCacheError
 
 if TYPE_CHECKING:
-    from .store.disk import DiskTier
+    from ..store.disk import DiskTier
 
 
 def _tier(path: str) -> DiskTier:
@@ -24,7 +24,7 @@ def _tier(path: str) -> DiskTier:
         raise VLCacheError(f"no cache directory at {path}")
     if not folder.is_dir():
         raise VLCacheError(f"{path} is not a directory")
-    from .store.disk import DiskTier
+    from ..store.disk import DiskTier
 
     return DiskTier(folder, 2**62)
 
@@ -42,7 +42,7 @@ def _files(tier: DiskTier) -> list[tuple[float, int, Path]]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     tier = _tier(args.path)
-    from .store.disk import SUFFIX
+    from ..store.disk import SUFFIX
 
     now = time.time()
     for mtime, size, file in _files(tier):
@@ -75,7 +75,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     """Trim to the budget under the tier's lock (safe while servers use the directory), and remove the temp
     files of writers killed mid-write."""
-    from .store.store import parse_bytes
+    from ..store.store import parse_bytes
 
     try:
         budget = parse_bytes(args.budget)

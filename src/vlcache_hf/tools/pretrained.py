@@ -1,8 +1,8 @@
 """The embedded trained model: a tiny Qwen2.5-VL that answers synthetic multi-image questions.
 
-It was trained on CPU by `eval/synthetic/train.py` on the task of `vlcache_hf.synthetic` and ships with the
-package (safetensors + processor files), so the demo, the examples and the accuracy tests have a model that
-really reads images — without any download.
+It was trained on CPU by `eval/synthetic/train.py` on the task of `vlcache_hf.tools.synthetic` and ships
+with the package (safetensors + processor files, in `vlcache_hf/assets/`), so the demo, the examples and the
+accuracy tests have a model that really reads images — without any download.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .toy import ToySize
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl-vqa"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen2.5-vl-vqa"
 MODEL_SIZE = ToySize(
     hidden_size=192,
     intermediate_size=512,
@@ -27,7 +27,7 @@ MODEL_SIZE = ToySize(
 
 #: the deeper embedded model (issue 19): the paper's regime — 8 decoder layers with GQA, 64 merged tokens per
 #: image (224 px), 2–4 images per item, the two-hop question; trained by `eval/synthetic/train_deep.py`
-DEEP_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl-deep"
+DEEP_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen2.5-vl-deep"
 DEEP_TRAIN_COMMAND = "python eval/synthetic/train_deep.py"
 DEEP_MODEL_SIZE = ToySize(
     hidden_size=128,

@@ -340,6 +340,6 @@ def chat_inputs(processor, messages: list[dict], add_generation_prompt: bool = T
     videos = [item["video"] for item in items if item["type"] == "video"]
     text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     extra = {"videos": videos} if videos else {}
-    from .models import request_images
+    from ..models import request_images
 
     return processor(text=[text], images=request_images(processor, images) or None, return_tensors="pt", **extra)

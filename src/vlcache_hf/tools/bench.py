@@ -22,16 +22,16 @@ from typing import Any
 
 import torch
 
+from ..cache import VLCache
+from ..compat import with_cache
+from ..errors import VLCacheError
+from ..models import get_adapter
+from ..selection import POLICIES
+from ..store.store import CacheStore
+from ..store.tiers import MemoryTier
+from ..timing import summarize, time_first_token
 from . import toy
 from .bound import BoundInputs, LayerFlops, copy_bandwidth, ideal_ttft
-from .cache import VLCache
-from .compat import with_cache
-from .errors import VLCacheError
-from .models import get_adapter
-from .selection import POLICIES
-from .store.store import CacheStore
-from .store.tiers import MemoryTier
-from .timing import summarize, time_first_token
 
 
 @dataclass(frozen=True)
@@ -445,7 +445,7 @@ def _output_paths(out: Path, stem: str) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark the parsed `vlcache bench` arguments describe (`vlcache_hf.cli.add_bench_arguments`)."""
+    """Run the benchmark the parsed `vlcache bench` arguments describe (`tools.cli.add_bench_arguments`)."""
     size_name = "smoke" if args.smoke else args.size
     size = SIZES[size_name]
     if args.repeats:
