@@ -1,0 +1,92 @@
+"""How other engines (vLLM) hold a family's images and encoder outputs, mapped onto our encoder entries.
+
+vLLM keeps one tensor per multimodal item in its encoder cache, and one processed-input dict per item
+(`MultiModalFeatureSpec.data`). For an entry to mean the same thing in a Hugging Face process and in vLLM,
+three things must agree, and each is a family quirk, so it lives here:
+
+- the item's **layout** (Qwen's (t, h, w) grid), read from vLLM's processed item;
+- the **encoder output**: vLLM's Qwen3-VL concatenates the DeepStack features after the main embeddings on
+  the last dimension (`Qwen3_VisionTransformer.forward`: `torch.cat([hidden_states] + deepstack, dim=1)`, in
+  the order of `deepstack_visual_indexes`); our entry keeps them as separate tensors, as `get_image_features`
+  returns them;
+- the **item key** a client sends as vLLM's `multi_modal_uuids`: the same content key `encoder.item_keys`
+  computes in `generate` (preprocessed pixels in the vision tower's dtype, layout, modality).
+
+Supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL. The LLaVA family is not mapped yet (its key also covers
+generate-time encoder options such as `vision_feature_layer`, which vLLM applies from the config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError, VLCacheError
+from ..store.keys import image_key_from_pixels
+
+#: model types (config.model_type) whose vLLM items map onto our encoder entries
+SERVING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@dataclass(frozen=True)
+class ServingFormat:
+    """One family's mapping between vLLM's items and our encoder entries."""
+
+    model_type: str
+    hidden_size: int  # width of one embedding row (the language model's hidden size)
+    deepstack_layers: int  # extra feature sets vLLM appends on the last dimension (Qwen3-VL), else 0
+
+    def layout(self, modality: str, item: Mapping[str, Any] | None) -> tuple[int, ...] | None:
+        """The item's layout from vLLM's processed item (None when vLLM did not keep the item's data)."""
+        if item is None:
+            return None
+        field = item.get(f"{modality}_grid_thw")
+        data = getattr(field, "data", field)
+        if data is None:
+            return None
+        return tuple(int(x) for x in torch.as_tensor(data).reshape(-1).tolist())
+
+    def split(self, output: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """vLLM's encoder output of one item → (embeddings, per-layer DeepStack features)."""
+        expected = self.hidden_size * (1 + self.deepstack_layers)
+        if output.ndim != 2 or output.shape[1] != expected:
+            raise VLCacheError(
+                f"vLLM encoder output of shape {tuple(output.shape)} does not fit {self.model_type} "
+                f"(expected [tokens, {expected}])"
+            )
+        parts = output.split(self.hidden_size, dim=1)
+        return parts[0], tuple(parts[1:])
+
+    def join(self, embeddings: torch.Tensor, deepstack: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Our entry's tensors → the one tensor vLLM's encoder cache holds for the item."""
+        if len(deepstack) != self.deepstack_layers:
+            raise VLCacheError(f"entry has {len(deepstack)} DeepStack layers, {self.model_type} has {self.deepstack_layers}")
+        return torch.cat([embeddings, *deepstack], dim=1) if deepstack else embeddings
+
+
+def serving_format(config: Any) -> ServingFormat:
+    """The format for a model config (a `transformers` config object); refuses families not mapped yet."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SERVING_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"vLLM encoder entries are mapped for {', '.join(SERVING_MODEL_TYPES)}, not {model_type!r}"
+        )
+    text = getattr(config, "text_config", config)
+    vision = getattr(config, "vision_config", None)
+    deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+    return ServingFormat(model_type, int(text.hidden_size), deepstack)
+
+
+def processed_item_keys(processor: Any, images: Sequence[Any], dtype: torch.dtype, modality: str = "image") -> list[str]:
+    """The content key of each image as `generate` keys it (`encoder.item_keys`), from the Hugging Face
+    processor alone: the image processor's pixel rows of each image, cast to the vision tower's `dtype`, with
+    their grid. Qwen's image processor handles each image on its own, so keys do not depend on the batch."""
+    if modality != "image":
+        raise VLCacheError("only image keys can be computed without the model so far")
+    out = processor.image_processor(images=list(images), return_tensors="pt")
+    grid = out["image_grid_thw"]
+    rows = torch.split(out["pixel_values"], grid.prod(-1).tolist())
+    return [image_key_from_pixels(r.to(dtype), g, modality) for r, g in zip(rows, grid.tolist(), strict=True)]

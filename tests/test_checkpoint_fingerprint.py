@@ -1,0 +1,123 @@
+"""Checkpoint fingerprints (one name for a checkpoint in every engine) and the vLLM item mapping, without vLLM.
+
+`checkpoint_fingerprint` is computed from files only (what vLLM's connector does); `bind_checkpoint` gives a
+transformers model that name only after checking every weight against those files. Expected values come from
+the files and from plain `generate`, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlcache_hf import CacheStore, VLCache, VLCacheError
+from vlcache_hf.compat import with_cache
+from vlcache_hf.fingerprint import bind_checkpoint, checkpoint_fingerprint, fingerprint
+from vlcache_hf.models.serving import serving_format
+from vlcache_hf.store.keys import ENCODER_KIND, entry_key
+from vlcache_hf.tools import synthetic, toy
+from vlcache_hf.tools.pretrained import default_model_path, load_default
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    """A private copy of the embedded checkpoint (tests edit it)."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(default_model_path(), target)
+    return target
+
+
+def test_bound_model_carries_the_checkpoint_fingerprint_until_a_weight_changes(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    own = fingerprint(model)
+    shared = bind_checkpoint(model)
+    assert shared == checkpoint_fingerprint(checkpoint, torch.float32) != own
+    assert fingerprint(model) == shared
+    with torch.no_grad():
+        model.lm_head.weight[3, 5] += 1e-3
+    assert fingerprint(model) not in (shared, own), "an edited model kept a checkpoint's (or its old) fingerprint"
+    with pytest.raises(VLCacheError, match="lm_head.weight"):
+        bind_checkpoint(model)
+
+
+def test_checkpoint_fingerprint_covers_every_tensor_the_config_and_the_dtype(checkpoint):
+    base = checkpoint_fingerprint(checkpoint, torch.float32)
+    assert checkpoint_fingerprint(checkpoint, "float32") == base
+    assert checkpoint_fingerprint(checkpoint, torch.bfloat16) != base
+    weights = checkpoint / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1
+    save_file(tensors, str(weights))
+    edited = checkpoint_fingerprint(checkpoint, torch.float32)
+    assert edited != base
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["_name_or_path"] = "/somewhere/else"  # names no content: ignored
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    assert checkpoint_fingerprint(checkpoint, torch.float32) == edited
+    config["text_config"]["rms_norm_eps"] = 1e-3
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    assert checkpoint_fingerprint(checkpoint, torch.float32) != edited
+
+
+def test_bind_refuses_a_model_that_differs_from_the_checkpoint(checkpoint):
+    model, _ = load_default()
+    weights = checkpoint / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] * 2
+    save_file(tensors, str(weights))
+    with pytest.raises(VLCacheError, match="embed_tokens"):
+        bind_checkpoint(model, checkpoint)
+    with pytest.raises(VLCacheError, match="neither a directory"):
+        bind_checkpoint(model, checkpoint / "missing")
+
+
+def test_bind_works_for_a_checkpoint_saved_by_this_transformers(tmp_path):
+    """save_pretrained writes the names of the checkpoint format (reverting load-time renames)."""
+    model = toy.build_model("qwen2_5_vl")
+    model.save_pretrained(tmp_path / "saved")
+    assert bind_checkpoint(model, tmp_path / "saved") == checkpoint_fingerprint(tmp_path / "saved", model.dtype)
+
+
+def test_image_uuids_are_the_keys_generate_writes_under():
+    from vlcache_hf.integrations.vllm import image_uuids
+
+    model, processor = load_default()
+    shared = bind_checkpoint(model)
+    item = synthetic.make_split("test", 1)[0]
+    images = synthetic.render_item(item)
+    store = CacheStore()
+    cache = VLCache(model, store=store)
+    model.generate(**toy.chat_inputs(processor, synthetic.messages(item, images)), **with_cache(model, cache), max_new_tokens=2)
+    uuids = image_uuids(processor, images, torch.float32)
+    assert len(uuids) == len(images)
+    for uuid in uuids:
+        assert store.contains(entry_key(ENCODER_KIND, shared, uuid))
+    assert image_uuids(processor, images, torch.bfloat16) != uuids  # the pixels as a bf16 tower reads them
+
+
+def test_serving_format_splits_vllm_deepstack_concatenation():
+    """vLLM's Qwen3-VL encoder output is [main | deepstack_0 | deepstack_1 | ...] on the last dim."""
+    config = toy.build_model("qwen3_vl").config
+    layers = len(config.vision_config.deepstack_visual_indexes)
+    fmt = serving_format(config)
+    assert fmt.deepstack_layers == layers > 0
+    hidden = config.text_config.hidden_size
+    main = torch.randn(5, hidden)
+    extra = [torch.full((5, hidden), float(i)) for i in range(layers)]
+    joined = torch.cat([main, *extra], dim=1)  # as vLLM's Qwen3_VisionTransformer.forward builds it
+    embeddings, deepstack = fmt.split(joined)
+    assert torch.equal(embeddings, main) and all(torch.equal(a, b) for a, b in zip(deepstack, extra, strict=True))
+    assert torch.equal(fmt.join(embeddings, deepstack), joined)
+    with pytest.raises(VLCacheError):
+        fmt.split(main)
+    assert serving_format(load_default()[0].config).deepstack_layers == 0
+    assert fmt.layout("image", {"image_grid_thw": torch.tensor([1, 4, 6])}) == (1, 4, 6)
+    assert fmt.layout("image", None) is None
