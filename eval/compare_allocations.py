@@ -23,9 +23,9 @@ from statistics import mean
 from tqdm import tqdm
 
 from vlcache_hf.calibration import calibrate
+from vlcache_hf.probe import Mode, compare_modes, moved_image_request
 from vlcache_hf.selection import VLCachePolicy
 from vlcache_hf.tools import synthetic
-from vlcache_hf.tools.fidelity import Mode, compare_modes, moved_image_request
 from vlcache_hf.tools.pretrained import load_default
 
 RESULTS = Path(__file__).resolve().parent / "results"

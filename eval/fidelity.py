@@ -35,9 +35,9 @@ import transformers
 from tqdm import tqdm
 
 from vlcache_hf.calibration import calibrate
+from vlcache_hf.probe import Mode, compare_modes, moved_image_request, standard_modes
 from vlcache_hf.selection import VLCachePolicy
 from vlcache_hf.tools import synthetic
-from vlcache_hf.tools.fidelity import Mode, compare_modes, moved_image_request, standard_modes
 from vlcache_hf.tools.pretrained import load_deep, load_default
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -30,10 +30,10 @@ import transformers
 from tqdm import tqdm
 
 from vlcache_hf.calibration import calibrate
+from vlcache_hf.probe import MovedImageRequest, compare_modes, moved_image_request, standard_modes
 from vlcache_hf.selection import LayerProfile
 from vlcache_hf.tools import synthetic, toy
 from vlcache_hf.tools.demo import load_demo_model
-from vlcache_hf.tools.fidelity import MovedImageRequest, compare_modes, moved_image_request, standard_modes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_POLICIES = ["vlcache", "first_k", "cacheblend", "random"]

@@ -13,9 +13,9 @@ With the embedded trained model (or a random-weight toy model if absent), on CPU
 import random
 
 from vlcache_hf import CacheStore, LayerProfile, calibrate
+from vlcache_hf.probe import chat_inputs, kl_divergence, moved_image_request, run_probe, warm_store
 from vlcache_hf.tools import synthetic
 from vlcache_hf.tools.demo import load_demo_model
-from vlcache_hf.tools.fidelity import chat_inputs, kl_divergence, moved_image_request, run_probe, warm_store
 
 model, processor, description = load_demo_model()
 print("model:", description)

@@ -18,8 +18,8 @@ from statistics import mean
 from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
 from vlcache_hf.models import get_adapter
+from vlcache_hf.probe import Mode, chat_inputs, compare_modes, moved_image_request, warm_store
 from vlcache_hf.tools import toy
-from vlcache_hf.tools.fidelity import Mode, chat_inputs, compare_modes, moved_image_request, warm_store
 
 MODES = [Mode("none", "none"), Mode("vlcache", "vlcache", 0.05)]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from statistics import mean
 
+from vlcache_hf.probe import Mode, compare_modes, moved_image_request
 from vlcache_hf.tools import toy
-from vlcache_hf.tools.fidelity import Mode, compare_modes, moved_image_request
 
 MODES = [Mode("none", "none"), Mode("vlcache", "vlcache", 0.05), Mode("random", "random", 0.05)]
 

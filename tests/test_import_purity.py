@@ -25,8 +25,8 @@ FORBIDDEN_MODULES = (
     "vlcache_hf.tools.demo",
     "vlcache_hf.tools.bench",
     "vlcache_hf.tools.bound",
-    "vlcache_hf.tools.fidelity",
     "vlcache_hf.tools.cli",
+    "vlcache_hf.tools.calibrate_cli",
     "vlcache_hf.tools.store_cli",
     "vlcache_hf.calibration",
     "vlcache_hf.integrations",
@@ -67,6 +67,14 @@ def test_import_vlcache_hf_imports_nothing_heavy():
 def test_runtime_imports_no_tooling(statement):
     assert impurities(loaded_after(statement)) == []
 
+
+
+def test_the_calibration_pass_loads_no_tooling():
+    """`calibrate` is runtime: it and the probe machinery it measures with (`vlcache_hf.probe`, itself not
+    forbidden) load no tooling module and no tooling stack, even transitively."""
+    modules = loaded_after("import vlcache_hf.calibration, vlcache_hf.probe")
+    assert "vlcache_hf.probe" in modules
+    assert [name for name in impurities(modules) if name != "vlcache_hf.calibration"] == []
 
 def test_every_public_name_resolves_and_is_listed():
     for name in vlcache_hf.__all__:

@@ -11,8 +11,8 @@ import torch
 
 from vlcache_hf import VLCache
 from vlcache_hf.compat import with_cache
+from vlcache_hf.probe import Mode, chat_inputs, compare_modes, moved_image_request
 from vlcache_hf.tools import synthetic
-from vlcache_hf.tools.fidelity import Mode, chat_inputs, compare_modes, moved_image_request
 from vlcache_hf.tools.pretrained import DEFAULT_MODEL_DIR, load_default
 
 #: measured: 62.5 % on the whole test split (eval/synthetic/evaluate.py), 63.3 % on this 60-item slice;

@@ -129,3 +129,52 @@ def test_entries_shared_between_vllm_restarts_and_hugging_face(tmp_path, hf):
             plain, cached, report = hf["run"](index, store)
             assert torch.equal(plain, cached)
             assert report.encoder_hits == len(uuids[index]) and report.encoder_misses == 0
+
+
+def test_qwen3_vl_deepstack_entries_cross_engines(tmp_path):
+    """Qwen3-VL's encoder output carries DeepStack features, which vLLM concatenates on the last dimension and
+    `generate` keeps per layer: entries written by either engine must give the other its own uncached answer.
+    A random-weight toy checkpoint (saved here) stands in for a real one."""
+    import torch
+
+    from vlcache_hf import CacheStore, VLCache
+    from vlcache_hf.compat import with_cache
+    from vlcache_hf.fingerprint import bind_checkpoint
+    from vlcache_hf.integrations.vllm import image_uuids
+    from vlcache_hf.tools import synthetic, toy
+
+    checkpoint = tmp_path / "qwen3-vl"
+    model, processor = toy.build_model("qwen3_vl"), toy.build_processor("qwen3_vl")
+    assert len(model.config.vision_config.deepstack_visual_indexes) > 0
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    bind_checkpoint(model, checkpoint)
+
+    def item_images(index: int):
+        return synthetic.render_item(synthetic.make_split("test", index + 1)[index])
+
+    def hf_run(index: int, store: CacheStore):
+        item = synthetic.make_split("test", index + 1)[index]
+        inputs = toy.chat_inputs(processor, synthetic.messages(item, item_images(index)))
+        plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        cache = VLCache(model, store=store)
+        cached = model.generate(**inputs, **with_cache(model, cache), max_new_tokens=6, do_sample=False)
+        return plain, cached, cache.report
+
+    store_dir = tmp_path / "store"
+    with CacheStore(disk=str(store_dir)) as store:  # Hugging Face writes item 0
+        plain, cached, report = hf_run(0, store)
+        assert torch.equal(plain, cached) and report.encoder_misses == len(item_images(0))
+        store.flush()
+    log = tmp_path / "q3.jsonl"
+    result = run_engine({"model": str(checkpoint), "store": [f"disk://{store_dir}"], "events": str(log), "max_tokens": 6,
+                         "requests": [{"index": 0, "uuid": True}, {"index": 0, "uuid": False}, {"index": 1, "uuid": True}]})
+    ev = events(log)
+    uuids = {i: image_uuids(processor, item_images(i), "float32") for i in (0, 1)}
+    assert of_kind(ev, "load") == set(uuids[0])
+    assert of_kind(ev, "save") >= set(uuids[1]) and not of_kind(ev, "save") & set(uuids[0])
+    tokens = [r["token_ids"] for r in result["results"]]
+    assert tokens[0] == tokens[1], "vLLM's answer from Hugging Face's Qwen3-VL entries differs from its uncached one"
+    with CacheStore(disk=str(store_dir)) as store:  # Hugging Face reads what vLLM wrote for item 1
+        plain, cached, report = hf_run(1, store)
+        assert report.encoder_hits == len(uuids[1]) and torch.equal(plain, cached)

@@ -70,9 +70,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from ..calibration import _calibrate_command
+    from .calibrate_cli import calibrate_command
 
-    return _calibrate_command(args)
+    return calibrate_command(args)
 
 
 # -------------------------------------------------------------------------------------------- parsers
@@ -126,7 +126,8 @@ def add_bench_command(sub) -> None:
 
 
 def add_calibrate_command(sub) -> None:
-    """`vlcache calibrate` (run by `vlcache_hf.calibration`, which imports torch: only when it runs)."""
+    """`vlcache calibrate` (run by `tools/calibrate_cli.py`, which imports torch: only when it runs; the help
+    text is `vlcache_hf.calibration`'s docstring, read without importing it)."""
     calibrate = sub.add_parser(
         "calibrate",
         help="measure per-layer sensitivity to reused K/V and write a LayerProfile (JSON)",

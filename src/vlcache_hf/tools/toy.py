@@ -334,12 +334,8 @@ def message(role: str, *parts: str | Image.Image | np.ndarray) -> dict:
 
 
 def chat_inputs(processor, messages: list[dict], add_generation_prompt: bool = True):
-    """Processor inputs (`input_ids`, `pixel_values`, ...) for a chat whose messages come from `message`."""
-    items = [item for msg in messages for item in msg["content"]]
-    images = [item["image"] for item in items if item["type"] == "image"]
-    videos = [item["video"] for item in items if item["type"] == "video"]
-    text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    extra = {"videos": videos} if videos else {}
-    from ..models import request_images
+    """Processor inputs (`input_ids`, `pixel_values`, ...) for a chat whose messages come from `message`
+    (`vlcache_hf.probe.chat_inputs`, left where the processor puts them)."""
+    from ..probe import chat_inputs as probe_chat_inputs
 
-    return processor(text=[text], images=request_images(processor, images) or None, return_tensors="pt", **extra)
+    return probe_chat_inputs(processor, messages, device=None, add_generation_prompt=add_generation_prompt)

@@ -1,10 +1,15 @@
-"""Measuring reuse error: moved-image requests, first-token KL and per-layer K/V error against full recompute.
+"""The probe machinery: run one moved-image request under several modes and compare them with full recompute.
 
 A *moved-image request* is a pair of chats over the same images: a warm-up chat (another preamble, the
 images in another order) whose encoder outputs and K/V go to a store, then the probe chat, whose image
 tokens are served from that store at new positions (non-prefix reuse). Comparing a policy's probe output
-with full recomputation's measures exactly the error that selective recomputation must repair. Used by
-`calibrate`, `eval/fidelity_probe.py`, `eval/fidelity.py` and the fidelity tests.
+with full recomputation's (first-token KL, per-layer K/V error) measures exactly the error that selective
+recomputation must repair.
+
+This is runtime, not tooling: the calibration pass (`vlcache_hf.calibrate`) measures each layer's
+sensitivity with it, so it imports only runtime modules (never `vlcache_hf.tools`). The fidelity reports
+(`eval/fidelity.py`, `eval/fidelity_probe.py`, `eval/compare_allocations.py`) and the fidelity tests use it
+too. `import vlcache_hf` does not load it (it imports torch).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import VLCache
-from ..compat import with_cache
-from ..selection import LayerProfile, SelectionPolicy
-from ..store.store import CacheStore
+from .cache import VLCache
+from .compat import with_cache
+from .models import request_images
+from .selection import LayerProfile, SelectionPolicy
+from .store.store import CacheStore
 
 WARMUP_PREAMBLES = (
     "Describe each of these pictures briefly.",
@@ -59,11 +65,21 @@ def moved_image_request(images: list, rng: random.Random, probe: list[dict] | No
     return MovedImageRequest(warmup, probe)
 
 
-def chat_inputs(processor, messages: list[dict], device: torch.device | str = "cpu"):
-    """Processor inputs for a chat of text and PIL images (the images of the chat form one prompt)."""
-    from . import toy
-
-    return toy.chat_inputs(processor, messages).to(device)
+def chat_inputs(
+    processor,
+    messages: list[dict],
+    device: torch.device | str | None = "cpu",
+    add_generation_prompt: bool = True,
+):
+    """Processor inputs (`input_ids`, `pixel_values`, ...) for a chat of text, PIL images and videos (the
+    images of the chat form one prompt), on `device` (None: where the processor put them)."""
+    items = [item for msg in messages for item in msg["content"]]
+    images = [item["image"] for item in items if item["type"] == "image"]
+    videos = [item["video"] for item in items if item["type"] == "video"]
+    text = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    extra = {"videos": videos} if videos else {}
+    inputs = processor(text=[text], images=request_images(processor, images) or None, return_tensors="pt", **extra)
+    return inputs if device is None else inputs.to(device)
 
 
 @dataclass
