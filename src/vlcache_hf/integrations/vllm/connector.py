@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: staged copies kept for items vLLM checked but has not scheduled yet (aborted requests never claim theirs):
+#: past this many, those staged more than STAGED_TTL seconds ago are dropped (a later check stages them again).
+#: Recent ones are never dropped, so an item checked in this scheduling step is still there when it is allocated.
+MAX_STAGED = 256
+STAGED_TTL = 60.0
+
 
 @dataclass
 class VLCacheECMetadata(ECConnectorMetadata):
@@ -66,7 +72,8 @@ class VLCacheECConnector(ECConnectorBase):
         base = extra.get("staging_dir") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.staging = Path(base) / f"vlcache-ec-{vllm_config.instance_id or os.getppid()}"
         self.events = extra.get("events")
-        self._staged: dict[str, str] = {}  # scheduler: identifier -> staged file, validated
+        self._staged: dict[str, str] = {}  # scheduler: identifier -> staged file, validated (oldest first)
+        self._staged_at: dict[str, float] = {}
         self._loads: dict[str, str] = {}  # scheduler: loads for the next step
         self._layouts: dict[str, tuple[int, ...]] = {}  # scheduler: layouts of items being encoded
         if role == ECConnectorRole.SCHEDULER:
@@ -113,6 +120,13 @@ class VLCacheECConnector(ECConnectorBase):
             self._event("refused", identifier, reason=str(err))
             return False
         self._staged[identifier] = str(path)
+        self._staged_at[identifier] = time.monotonic()
+        while len(self._staged) > MAX_STAGED:
+            oldest = next(iter(self._staged))
+            if time.monotonic() - self._staged_at[oldest] < STAGED_TTL:
+                break
+            del self._staged_at[oldest]
+            Path(self._staged.pop(oldest)).unlink(missing_ok=True)
         return True
 
     def update_state_after_alloc(self, request: Request, index: int) -> None:
@@ -122,6 +136,7 @@ class VLCacheECConnector(ECConnectorBase):
         if self.is_consumer and staged is not None and os.path.exists(staged):
             self._loads[identifier] = staged
             del self._staged[identifier]  # the worker consumes the staged file
+            self._staged_at.pop(identifier, None)
         elif self.is_producer:
             layout = self.format.layout(feature.modality, feature.data)
             if layout is not None:
