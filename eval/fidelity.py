@@ -41,7 +41,7 @@ from vlcache_hf.tools import synthetic
 from vlcache_hf.tools.pretrained import load_deep, load_default
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ["vlcache", "first_k", "cacheblend", "random"]
+POLICIES = ["vlcache", "stratified", "first_k", "cacheblend", "random"]
 BUDGETS = [0.01, 0.02, 0.05, 0.1, 0.2]
 
 

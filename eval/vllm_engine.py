@@ -28,7 +28,7 @@ def main(spec: dict) -> dict:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from vlcache_hf.integrations.vllm import ec_transfer_config, image_keys
+    from vlcache_hf.integrations.vllm import ec_transfer_config, image_uuids
     from vlcache_hf.tools import synthetic
     from vlcache_hf.tools.pretrained import default_model_path
 
@@ -60,7 +60,7 @@ def main(spec: dict) -> dict:
             prompt = processor.apply_chat_template(synthetic.messages(item, images), add_generation_prompt=True, tokenize=False)
             data = {"prompt": prompt, "multi_modal_data": {"image": images}}
             if request.get("uuid"):
-                data["multi_modal_uuids"] = {"image": image_keys(processor, images, dtype)}
+                data["multi_modal_uuids"] = {"image": image_uuids(processor, images, dtype)}
             began = time.perf_counter()
             out = llm.generate(data, params, use_tqdm=False)[0]
             seconds = time.perf_counter() - began

@@ -14,7 +14,7 @@ from transformers import AutoProcessor
 from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
 from vlcache_hf.fingerprint import bind_checkpoint
-from vlcache_hf.integrations.vllm import ec_transfer_config
+from vlcache_hf.integrations.vllm import ec_transfer_config, image_uuids
 from vlcache_hf.tools import synthetic, toy
 from vlcache_hf.tools.pretrained import default_model_path, load_default
 
@@ -30,7 +30,8 @@ def main(store_dir: str) -> None:
     llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=2048, kv_cache_memory_bytes=256 * 2**20,
               ec_transfer_config=ec_transfer_config(f"disk://{store_dir}"))
     prompt = processor.apply_chat_template(synthetic.messages(item, images), add_generation_prompt=True, tokenize=False)
-    request = {"prompt": prompt, "multi_modal_data": {"image": images}}  # no uuids needed: entries are keyed by content
+    request = {"prompt": prompt, "multi_modal_data": {"image": images},
+               "multi_modal_uuids": {"image": image_uuids(processor, images, "float32")}}
     out = llm.generate(request, SamplingParams(max_tokens=8, temperature=0.0))
     print("vLLM:", repr(out[0].outputs[0].text), "| expected:", synthetic.solve(item))
 

@@ -86,8 +86,8 @@ def test_bind_works_for_a_checkpoint_saved_by_this_transformers(tmp_path):
     assert bind_checkpoint(model, tmp_path / "saved") == checkpoint_fingerprint(tmp_path / "saved", model.dtype)
 
 
-def test_image_keys_are_the_keys_generate_writes_under():
-    from vlcache_hf.integrations.vllm import image_keys
+def test_image_uuids_are_the_keys_generate_writes_under():
+    from vlcache_hf.integrations.vllm import image_uuids
 
     model, processor = load_default()
     shared = bind_checkpoint(model)
@@ -96,11 +96,11 @@ def test_image_keys_are_the_keys_generate_writes_under():
     store = CacheStore()
     cache = VLCache(model, store=store)
     model.generate(**toy.chat_inputs(processor, synthetic.messages(item, images)), **with_cache(model, cache), max_new_tokens=2)
-    keys = image_keys(processor, images, torch.float32)
-    assert len(keys) == len(images)
-    for key in keys:
-        assert store.contains(entry_key(ENCODER_KIND, shared, key))
-    assert image_keys(processor, images, torch.bfloat16) != keys  # the pixels as a bf16 tower reads them
+    uuids = image_uuids(processor, images, torch.float32)
+    assert len(uuids) == len(images)
+    for uuid in uuids:
+        assert store.contains(entry_key(ENCODER_KIND, shared, uuid))
+    assert image_uuids(processor, images, torch.bfloat16) != uuids  # the pixels as a bf16 tower reads them
 
 
 def test_serving_format_splits_vllm_deepstack_concatenation():

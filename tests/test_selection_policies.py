@@ -20,6 +20,7 @@ from vlcache_hf.selection import (
     ReusedSpan,
     SelectionContext,
     SelectionPolicy,
+    StratifiedPolicy,
     VLCachePolicy,
     allocate_budgets,
     make_policy,
@@ -201,6 +202,18 @@ def test_vlcache_starts_with_the_earliest_tokens_of_every_span():
     assert policy.last_budgets == [4, 4, 2, 2]
     # relative offsets: 4 → 0, 14 → 0, 5 → 1/8, then 6 and 15 tie at 1/4 and the earlier token wins
     assert _sorted(chosen) == sorted(FRESH + [4, 5, 6, 14])
+
+
+def test_stratified_starts_from_the_centres_of_equal_strata_of_every_span():
+    profile = LayerProfile("fp", 4, [4.0, 4.0, 2.0, 2.0], [0.0, 2.0, 0.0, 2.0], 4.0, 0, 1, "test")
+    policy = StratifiedPolicy(0.25, profile=profile)
+    chosen = policy.initial_set(_context())
+    assert policy.last_budgets == [4, 4, 2, 2]
+    # 4 tokens over spans of 8 and 4: 8·4/12 = 2.67 and 1.33 → 2 + 1, the larger remainder (span 1) gets the 4th.
+    # Span [4, 12), 3 strata of 8/3: centres at 4/3, 4, 20/3 → offsets 1, 4, 6 → tokens 5, 8, 10.
+    # Span [14, 18), 1 stratum of 4: centre at 2 → token 16.
+    assert _sorted(chosen) == sorted(FRESH + [5, 8, 10, 16])
+    assert POLICIES["stratified"] is StratifiedPolicy
 
 
 def test_vlcache_keeps_the_largest_deviation_weighted_by_what_follows():

@@ -9,9 +9,8 @@ three things must agree, and each is a family quirk, so it lives here:
   the last dimension (`Qwen3_VisionTransformer.forward`: `torch.cat([hidden_states] + deepstack, dim=1)`, in
   the order of `deepstack_visual_indexes`); our entry keeps them as separate tensors, as `get_image_features`
   returns them;
-- the **content key**: computed from the pixels vLLM's processor produced for the item, it is the key
-  `encoder.item_keys` computes in `generate` (preprocessed pixels in the vision tower's dtype, layout,
-  modality), whatever vLLM's own identifier for the item is.
+- the **item key** a client sends as vLLM's `multi_modal_uuids`: the same content key `encoder.item_keys`
+  computes in `generate` (preprocessed pixels in the vision tower's dtype, layout, modality).
 
 Supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL. The LLaVA family is not mapped yet (its key also covers
 generate-time encoder options such as `vision_feature_layer`, which vLLM applies from the config).
@@ -42,18 +41,13 @@ class ServingFormat:
 
     def layout(self, modality: str, item: Mapping[str, Any] | None) -> tuple[int, ...] | None:
         """The item's layout from vLLM's processed item (None when vLLM did not keep the item's data)."""
-        data = _field(item, f"{modality}_grid_thw")
-        return None if data is None else tuple(int(x) for x in data.reshape(-1).tolist())
-
-    def content_key(self, modality: str, item: Mapping[str, Any] | None, dtype: torch.dtype) -> str | None:
-        """Our content key of the item, from the pixels vLLM's processor produced for it: the key
-        `encoder.item_keys` gives the same item in `generate` (pixels in the vision tower's dtype, layout,
-        modality). None when vLLM kept no data for the item."""
-        pixels = _field(item, PIXELS_FIELD.get(modality, ""))
-        layout = self.layout(modality, item)
-        if pixels is None or layout is None:
+        if item is None:
             return None
-        return image_key_from_pixels(pixels.to(dtype), layout, modality)
+        field = item.get(f"{modality}_grid_thw")
+        data = getattr(field, "data", field)
+        if data is None:
+            return None
+        return tuple(int(x) for x in torch.as_tensor(data).reshape(-1).tolist())
 
     def split(self, output: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """vLLM's encoder output of one item → (embeddings, per-layer DeepStack features)."""
@@ -71,19 +65,6 @@ class ServingFormat:
         if len(deepstack) != self.deepstack_layers:
             raise VLCacheError(f"entry has {len(deepstack)} DeepStack layers, {self.model_type} has {self.deepstack_layers}")
         return torch.cat([embeddings, *deepstack], dim=1) if deepstack else embeddings
-
-
-#: where vLLM's processed item keeps its pixels, per modality (Qwen's processors)
-PIXELS_FIELD = {"image": "pixel_values", "video": "pixel_values_videos"}
-
-
-def _field(item: Mapping[str, Any] | None, name: str) -> torch.Tensor | None:
-    """One field's tensor of a vLLM processed item (`MultiModalKwargsItem`: name -> field element with `.data`)."""
-    if item is None or not name:
-        return None
-    value = item.get(name)
-    value = getattr(value, "data", value)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def serving_format(config: Any) -> ServingFormat:

@@ -9,10 +9,12 @@ from .base import LayerObservation, ReusedSpan, SelectionContext, SelectionPolic
 from .baselines import CacheBlendPolicy, FirstTokensPolicy, RandomPolicy
 from .builtin import FullRecompute, NoRecompute
 from .profile import DEFAULT_ALLOCATION, LayerProfile, allocate_budgets
+from .stratified import StratifiedPolicy
 from .vlcache import VLCachePolicy
 
 POLICIES: dict[str, type[SelectionPolicy]] = {
-    cls.name: cls for cls in (FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy, VLCachePolicy)
+    cls.name: cls
+    for cls in (FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy, VLCachePolicy, StratifiedPolicy)
 }
 
 
@@ -69,6 +71,7 @@ __all__ = [
     "ReusedSpan",
     "SelectionContext",
     "SelectionPolicy",
+    "StratifiedPolicy",
     "make_policy",
     "register_policy",
 ]

@@ -22,13 +22,10 @@ after the check can never reach the model, and the worker never lacks an output 
 The worker publishes every output it computes in `save_caches`, with the item's layout that the scheduler
 passed along (write-behind, off the request's path).
 
-Keys: vLLM names an item by its `identifier` (its own hash of the image and processor options, or a client's
-`multi_modal_uuids` entry). We do not trust or need it: before vLLM checks a request's items
-(`ensure_cache_available`) the connector computes each item's *content key* from the pixels vLLM's processor
-produced — the key `generate` computes for the same image (`models/serving.py`) — and stores and finds
-entries by that key. So vLLM instances and Hugging Face processes share entries with no client change, and a
-uuid reused for another picture cannot fetch the wrong entry. `image_keys()` gives the same keys from the
-Hugging Face processor (to inspect a store, or as uuids for vLLM's own processor cache).
+Keys: vLLM names an item by its `identifier` (its own hash of the image and processor options, or the
+client's `multi_modal_uuids` entry as given when no processor options are set). `image_uuids()` computes our
+content key of an image, so a client that sends it as the uuid hits the entries `generate` writes, and the
+reverse. A uuid is an identity claim vLLM trusts; send only keys from `image_uuids()`.
 """
 
 from __future__ import annotations
@@ -47,11 +44,11 @@ if TYPE_CHECKING:
 CONNECTOR_NAME = "VLCacheECConnector"
 MODULE_PATH = __name__
 
-__all__ = ["CONNECTOR_NAME", "VLCacheECConnector", "ec_transfer_config", "image_keys"]
+__all__ = ["CONNECTOR_NAME", "VLCacheECConnector", "ec_transfer_config", "image_uuids"]
 
 
 def __getattr__(name: str) -> Any:
-    """`VLCacheECConnector` is imported on first use: this package (`image_keys`, `ec_transfer_config`) works
+    """`VLCacheECConnector` is imported on first use: this package (`image_uuids`, `ec_transfer_config`) works
     in a client process without vLLM installed."""
     if name == "VLCacheECConnector":
         from .connector import VLCacheECConnector
@@ -83,9 +80,9 @@ def ec_transfer_config(*store_urls: str, role: str = "ec_both", events: str | No
     }
 
 
-def image_keys(processor: Any, images: Sequence[Any], dtype: torch.dtype | str = torch.float32) -> list[str]:
-    """Our content key of each image: the key of its encoder entry in `generate` and in vLLM with the
-    connector (which computes it from vLLM's own preprocessed pixels).
+def image_uuids(processor: Any, images: Sequence[Any], dtype: torch.dtype | str = torch.float32) -> list[str]:
+    """Our content key of each image, to send as vLLM's `multi_modal_uuids={"image": [...]}` (without
+    `mm_processor_kwargs`, which make vLLM rehash the uuid), so vLLM and `generate` use the same entries.
 
     `processor` is the checkpoint's Hugging Face processor (`AutoProcessor.from_pretrained(path)`) and
     `dtype` the dtype the model runs in (`vllm.LLM(dtype=...)`, `from_pretrained(dtype=...)`): the key covers

@@ -41,16 +41,14 @@ logger = logging.getLogger(__name__)
 #: Recent ones are never dropped, so an item checked in this scheduling step is still there when it is allocated.
 MAX_STAGED = 256
 STAGED_TTL = 60.0
-#: identifier -> content key memo of the scheduler (a key is recomputed from the item's pixels if dropped)
-MAX_CONTENT_KEYS = 65536
 
 
 @dataclass
 class VLCacheECMetadata(ECConnectorMetadata):
     """Scheduler → worker for one step: items to load from staging, and the layout of items to encode."""
 
-    loads: dict[str, tuple[str, str]] = field(default_factory=dict)  # identifier -> (staged file, content key)
-    saves: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # identifier -> (content key, layout)
+    loads: dict[str, str] = field(default_factory=dict)  # identifier -> staged file
+    layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # identifier -> layout (for saves)
 
 
 class VLCacheECConnector(ECConnectorBase):
@@ -76,15 +74,14 @@ class VLCacheECConnector(ECConnectorBase):
         self.events = extra.get("events")
         self._staged: dict[str, str] = {}  # scheduler: identifier -> staged file, validated (oldest first)
         self._staged_at: dict[str, float] = {}
-        self._loads: dict[str, tuple[str, str]] = {}  # scheduler: loads for the next step -> (staged file, content key)
-        self._saves: dict[str, tuple[str, tuple[int, ...]]] = {}  # scheduler: items being encoded -> (content key, layout)
-        self._content: dict[str, str] = {}  # scheduler: vLLM identifier -> our content key (oldest first)
+        self._loads: dict[str, str] = {}  # scheduler: loads for the next step
+        self._layouts: dict[str, tuple[int, ...]] = {}  # scheduler: layouts of items being encoded
         if role == ECConnectorRole.SCHEDULER:
             self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- shared -----------------------------------------------------------------------------------------
-    def _key(self, content_key: str) -> str:
-        return entry_key(ENCODER_KIND, self.fingerprint, content_key)
+    def _key(self, identifier: str) -> str:
+        return entry_key(ENCODER_KIND, self.fingerprint, identifier)
 
     def _event(self, event: str, identifier: str, **more: Any) -> None:
         if self.events is None:
@@ -102,22 +99,6 @@ class VLCacheECConnector(ECConnectorBase):
             shutil.rmtree(self.staging, ignore_errors=True)
 
     # -- scheduler side ---------------------------------------------------------------------------------
-    def ensure_cache_available(self, request: Request, num_computed_tokens: int) -> bool:
-        """vLLM calls this before it checks a request's items: we learn each item's content key here, from the
-        pixels vLLM's processor produced (the key `generate` uses), so entries are found by content whatever
-        vLLM named the item. Items without processed data keep vLLM's identifier as their key."""
-        for feature in request.mm_features:
-            if feature.identifier not in self._content:
-                key = self.format.content_key(feature.modality, feature.data, self.dtype)
-                if key is not None:
-                    self._content[feature.identifier] = key
-        while len(self._content) > MAX_CONTENT_KEYS:
-            self._content.pop(next(iter(self._content)))
-        return True
-
-    def content_key(self, identifier: str) -> str:
-        return self._content.get(identifier, identifier)
-
     def has_cache_item(self, identifier: str) -> bool:
         """Whether a valid entry exists; if so it is staged for this engine's worker (see module docstring)."""
         if not self.is_consumer:
@@ -125,12 +106,12 @@ class VLCacheECConnector(ECConnectorBase):
         staged = self._staged.get(identifier)
         if staged is not None and os.path.exists(staged):
             return True
-        entry = load_encoder_entry(self.store, self._key(self.content_key(identifier)), self.fingerprint, self.format.hidden_size, self.dtype)
+        entry = load_encoder_entry(self.store, self._key(identifier), self.fingerprint, self.format.hidden_size, self.dtype)
         if entry is None:
             return False
         try:
             tensor = self.format.join(entry.embeddings, entry.deepstack).contiguous()
-            path = self.staging / f"{self._key(self.content_key(identifier))}.safetensors"
+            path = self.staging / f"{self._key(identifier)}.safetensors"
             partial = path.with_suffix(f".{os.getpid()}.partial")
             save_file({"output": tensor.cpu()}, str(partial))
             os.replace(partial, path)
@@ -153,18 +134,18 @@ class VLCacheECConnector(ECConnectorBase):
         identifier = feature.identifier
         staged = self._staged.get(identifier)
         if self.is_consumer and staged is not None and os.path.exists(staged):
-            self._loads[identifier] = (staged, self.content_key(identifier))
+            self._loads[identifier] = staged
             del self._staged[identifier]  # the worker consumes the staged file
             self._staged_at.pop(identifier, None)
         elif self.is_producer:
             layout = self.format.layout(feature.modality, feature.data)
             if layout is not None:
-                self._saves[identifier] = (self.content_key(identifier), layout)
+                self._layouts[identifier] = layout
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ECConnectorMetadata:
-        meta = VLCacheECMetadata(dict(self._loads), dict(self._saves))
+        meta = VLCacheECMetadata(dict(self._loads), dict(self._layouts))
         self._loads.clear()
-        self._saves.clear()
+        self._layouts.clear()
         return meta
 
     # -- worker side ------------------------------------------------------------------------------------
@@ -173,34 +154,33 @@ class VLCacheECConnector(ECConnectorBase):
         if not isinstance(meta, VLCacheECMetadata):
             return
         device = _worker_device()
-        for identifier, (staged, content_key) in meta.loads.items():
+        for identifier, staged in meta.loads.items():
             if identifier in encoder_cache:
                 continue
             # the staged copy was validated by the scheduler and is private to this engine: failing to read
             # it is a broken machine, not a cache fault, so it raises
             encoder_cache[identifier] = load_file(staged, device=device)["output"]
             os.unlink(staged)
-            self._event("load", identifier, key=content_key, tokens=int(encoder_cache[identifier].shape[0]))
+            self._event("load", identifier, tokens=int(encoder_cache[identifier].shape[0]))
 
     def save_caches(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, **kwargs: Any) -> None:
         if not self.is_producer:
             return
         meta = self._connector_metadata
-        save = meta.saves.get(mm_hash) if isinstance(meta, VLCacheECMetadata) else None
-        if save is None:  # vLLM kept no processed data for the item: an entry without its layout is not written
+        layout = meta.layouts.get(mm_hash) if isinstance(meta, VLCacheECMetadata) else None
+        if layout is None:  # vLLM kept no processed data for the item: an entry without its layout is not written
             self._event("skip", mm_hash, reason="no layout")
             return
-        content_key, layout = save
         try:
             embeddings, deepstack = self.format.split(encoder_cache[mm_hash].detach().to("cpu"))
-            key = self._key(content_key)
+            key = self._key(mm_hash)
             entry = EncoderEntry(embeddings.contiguous(), layout, tuple(t.contiguous() for t in deepstack))
             self.store.put(key, entry.to_stored(self.fingerprint, key))
         except VLCacheError as err:
             logger.warning("%s: not saving %s…: %s", CONNECTOR_NAME, mm_hash[:12], err)
             self._event("refused", mm_hash, reason=str(err))
             return
-        self._event("save", mm_hash, key=content_key, tokens=int(embeddings.shape[0]))
+        self._event("save", mm_hash, tokens=int(embeddings.shape[0]))
 
 
 def _worker_device() -> str:
