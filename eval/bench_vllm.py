@@ -22,20 +22,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ENGINE = Path(__file__).resolve().parent / "vllm_engine.py"
-
-
-def engine(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(ENGINE), json.dumps(spec)], capture_output=True, text=True, timeout=1800)
-    marked = [line for line in proc.stdout.splitlines() if line.startswith("VLCACHE-RESULT ")]
-    if proc.returncode != 0 or not marked:
-        raise SystemExit(f"engine failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(marked[-1].removeprefix("VLCACHE-RESULT "))
+from vllm_engine import run_in_subprocess  # eval/ is this script's directory, first on sys.path
 
 
 def events(path: Path) -> dict[str, int]:
@@ -62,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     store = [f"disk://{work / 'store'}"]
     requests = [{"index": i, "uuid": True} for i in range(args.requests)]
     base = {"model": args.model, "dtype": args.dtype, "max_tokens": 1, "requests": requests}
-    engine({**base, "store": store, "events": str(work / "warm.jsonl")})
+    run_in_subprocess({**base, "store": store, "events": str(work / "warm.jsonl")})
     rows: dict[str, list[float]] = {"plain": [], "vlcache": []}
     loads: dict[str, float] = {"plain": 0.0, "vlcache": 0.0}
     answers: dict[str, list] = {}
@@ -70,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for mode in ("plain", "vlcache"):
             spec = dict(base) if mode == "plain" else {**base, "store": store, "events": str(log)}
-            result = engine(spec)
+            result = run_in_subprocess(spec)
             rows[mode] += [r["seconds"] for r in result["results"]]
             loads[mode] += result["load_s"] / args.rounds
             answers.setdefault(mode, [r["token_ids"] for r in result["results"]])

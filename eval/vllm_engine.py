@@ -17,10 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
 RESULT_MARK = "VLCACHE-RESULT "  # the line of stdout that holds the result (vLLM logs to stdout too)
+
+
+def run_in_subprocess(spec: dict, python: str = sys.executable, timeout: float = 1800) -> dict:
+    """Start one engine on `spec` in a fresh process of `python` and return its result (what tests and
+    `eval/bench_vllm.py` call: one engine per process, so a second call is a restart)."""
+    proc = subprocess.run([python, __file__, json.dumps(spec)], capture_output=True, text=True, timeout=timeout)
+    marked = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not marked:
+        raise RuntimeError(f"engine failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(marked[-1].removeprefix(RESULT_MARK))
 
 
 def main(spec: dict) -> dict:

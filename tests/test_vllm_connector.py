@@ -18,10 +18,8 @@ What is checked, in one sequence on one store:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,16 +27,14 @@ import pytest
 pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = ROOT / "eval" / "vllm_engine.py"
+_spec = importlib.util.spec_from_file_location("vllm_engine", ROOT / "eval" / "vllm_engine.py")
+_ENGINE = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ENGINE)
 
 
 def run_engine(spec: dict) -> dict:
     """Start one vLLM engine in its own process on `spec` (see eval/vllm_engine.py) and return its result."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run([sys.executable, str(ENGINE), json.dumps(spec)], capture_output=True, text=True, env=env, timeout=900)
-    marked = [line for line in proc.stdout.splitlines() if line.startswith("VLCACHE-RESULT ")]
-    assert proc.returncode == 0 and marked, f"engine failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(marked[-1].removeprefix("VLCACHE-RESULT "))
+    return _ENGINE.run_in_subprocess(spec, timeout=900)
 
 
 def events(path: Path) -> list[dict]:

@@ -34,9 +34,8 @@ from .store.keys import (
     digest,
     encoder_options,
     entry_key,
-    image_key_from_pixels,
+    item_key,
     tensor_parts,
-    with_encoder_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -216,10 +215,7 @@ def item_keys(
     input first — so pixels passed in float32 or already cast to the model's dtype are one image.
     """
     dtype = _vision_dtype(adapter)
-    return [
-        with_encoder_options(image_key_from_pixels(p.to(dtype), g, modality.name), options)
-        for p, g in zip(pixels, layouts, strict=True)
-    ]
+    return [item_key(p, g, modality.name, dtype, options) for p, g in zip(pixels, layouts, strict=True)]
 
 
 def encode_items(

@@ -33,7 +33,7 @@ from torch import nn
 from . import compat
 from .errors import VLCacheError
 from .store.entry import FORMAT_VERSION
-from .store.keys import model_fingerprint, tensor_parts
+from .store.keys import model_fingerprint, tensor_parts, update_parts
 
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation_autoset"}
 
@@ -97,9 +97,7 @@ def weights_digest(model: nn.Module) -> str:
                         "unknown, so the model cannot be fingerprinted (load the model's weights first)"
                     )
                 tensor = offloaded[name]
-            for part in (name.encode(), *tensor_parts(tensor)):
-                hasher.update(len(part).to_bytes(8, "little"))
-                hasher.update(part)
+            update_parts(hasher, (name.encode(), *tensor_parts(tensor)))
     return hasher.hexdigest()
 
 
@@ -168,8 +166,12 @@ def checkpoint_fingerprint(path: str | Path, dtype: torch.dtype | str, revision:
     """The fingerprint of a checkpoint loaded in `dtype`, computed from its files alone: config.json (the
     keys that name no file or version dropped) and every safetensors tensor's name, dtype, shape and bytes
     after the cast. Any engine (vLLM, transformers) that serves these files in `dtype` computes this name."""
-    directory = checkpoint_dir(path, revision)
-    dtype = _parse_dtype(dtype)
+    return _checkpoint_fingerprint(checkpoint_dir(path, revision), _parse_dtype(dtype))
+
+
+def _checkpoint_fingerprint(directory: Path, dtype: torch.dtype, check: _CheckpointMatch | None = None) -> str:
+    """`checkpoint_fingerprint` of a local directory; `check`, when given, sees every tensor of the same
+    single read of the files (so binding a model reads its checkpoint once)."""
     try:
         config = _canonical_config(json.loads((directory / "config.json").read_text()))
     except (OSError, ValueError) as err:
@@ -177,9 +179,9 @@ def checkpoint_fingerprint(path: str | Path, dtype: torch.dtype | str, revision:
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     with torch.no_grad():
         for name, tensor in _checkpoint_tensors(directory):
-            for part in (name.encode(), *tensor_parts(_as_loaded(tensor, dtype))):
-                hasher.update(len(part).to_bytes(8, "little"))
-                hasher.update(part)
+            if check is not None:
+                check.compare(name, tensor)
+            update_parts(hasher, (name.encode(), *tensor_parts(_as_loaded(tensor, dtype))))
     return model_fingerprint(config, "checkpoint:" + hasher.hexdigest(), str(dtype), FORMAT_VERSION)
 
 
@@ -192,30 +194,29 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
-def _check_matches_checkpoint(model: nn.Module, directory: Path) -> None:
-    """Raise unless every weight of `model` is exactly the checkpoint's tensor of the same (saved) name, cast
-    to the weight's dtype, and its config is the checkpoint's config as this transformers reads it."""
-    from transformers import AutoConfig
+class _CheckpointMatch:
+    """Checks, tensor by tensor as the checkpoint is read, that every weight of a model is exactly the
+    checkpoint's tensor of the same (saved) name, cast to the weight's dtype."""
 
-    fresh = _canonical_config(AutoConfig.from_pretrained(str(directory)).to_dict())
-    if fresh != _config_json(model):
-        raise VLCacheError("the model's config differs from the checkpoint's config.json")
-    state = compat.checkpoint_state_dict(model)
-    offloaded = offloaded_weights(model) if any(t.is_meta for t in state.values()) else {}
-    verified: set[int] = set()
-    with torch.no_grad():
-        for name, stored in _checkpoint_tensors(directory):
-            held = state.pop(name, None)
-            if held is None:
-                continue  # a tensor the model does not load (transformers drops it on load too)
-            held = offloaded.get(name, held) if held.is_meta else held
-            if held.is_meta or not torch.equal(held.detach().cpu(), _as_loaded(stored, held.dtype)):
-                raise VLCacheError(f"weight {name!r} differs from the checkpoint's")
-            verified.add(held.data_ptr())
-    # what is left must be a tied copy of a verified weight (e.g. an lm_head tied to the embeddings)
-    untied = [name for name, t in state.items() if t.is_meta or t.data_ptr() not in verified]
-    if untied:
-        raise VLCacheError(f"weights not in the checkpoint: {untied[:3]}{'…' if len(untied) > 3 else ''}")
+    def __init__(self, model: nn.Module):
+        self.state = compat.checkpoint_state_dict(model)
+        self.offloaded = offloaded_weights(model) if any(t.is_meta for t in self.state.values()) else {}
+        self.verified: set[int] = set()
+
+    def compare(self, name: str, stored: torch.Tensor) -> None:
+        held = self.state.pop(name, None)
+        if held is None:
+            return  # a tensor the model does not load (transformers drops it on load too)
+        held = self.offloaded.get(name, held) if held.is_meta else held
+        if held.is_meta or not torch.equal(held.detach().cpu(), _as_loaded(stored, held.dtype)):
+            raise VLCacheError(f"weight {name!r} differs from the checkpoint's")
+        self.verified.add(held.data_ptr())
+
+    def finish(self) -> None:
+        """What is left must be a tied copy of a verified weight (e.g. an lm_head tied to the embeddings)."""
+        untied = [name for name, t in self.state.items() if t.is_meta or t.data_ptr() not in self.verified]
+        if untied:
+            raise VLCacheError(f"weights not in the checkpoint: {untied[:3]}{'…' if len(untied) > 3 else ''}")
 
 
 def bind_checkpoint(model: nn.Module, path: str | Path | None = None, revision: str | None = None) -> str:
@@ -227,9 +228,14 @@ def bind_checkpoint(model: nn.Module, path: str | Path | None = None, revision: 
     its own fingerprint. The binding lasts while the weights are unchanged: after an edit, `fingerprint`
     returns the model's own (unshared) fingerprint again. Returns the checkpoint fingerprint.
     """
+    from transformers import AutoConfig
+
     directory = checkpoint_dir(path if path is not None else model.name_or_path, revision)
-    _check_matches_checkpoint(model, directory)
-    shared = checkpoint_fingerprint(directory, _model_dtype(model))
+    if _canonical_config(AutoConfig.from_pretrained(str(directory)).to_dict()) != _config_json(model):
+        raise VLCacheError("the model's config differs from the checkpoint's config.json")
+    match = _CheckpointMatch(model)
+    shared = _checkpoint_fingerprint(directory, _parse_dtype(_model_dtype(model)), check=match)
+    match.finish()
     fingerprint(model)  # the memo for the current weights
     _memo[model].checkpoint = (_config_json(model), shared)
     return shared

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError, VLCacheError
-from ..store.keys import image_key_from_pixels
+from ..store.keys import item_key
 
 #: model types (config.model_type) whose vLLM items map onto our encoder entries
 SERVING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -89,4 +89,4 @@ def processed_item_keys(processor: Any, images: Sequence[Any], dtype: torch.dtyp
     out = processor.image_processor(images=list(images), return_tensors="pt")
     grid = out["image_grid_thw"]
     rows = torch.split(out["pixel_values"], grid.prod(-1).tolist())
-    return [image_key_from_pixels(r.to(dtype), g, modality) for r, g in zip(rows, grid.tolist(), strict=True)]
+    return [item_key(r, g, modality, dtype) for r, g in zip(rows, grid.tolist(), strict=True)]

@@ -32,10 +32,8 @@ class StratifiedPolicy(VLCachePolicy):
 
     name = "stratified"
 
-    def initial_set(self, ctx: SelectionContext) -> torch.Tensor:
-        self.last_budgets = self.budgets(ctx)
-        self._prior = self._positional_prior(ctx)
+    def initial_picks(self, ctx: SelectionContext, count: int) -> torch.Tensor:
         spans = list(ctx.moved_spans)
-        counts = split_over_spans([s.length for s in spans], self.last_budgets[0] if self.last_budgets else 0)
+        counts = split_over_spans([s.length for s in spans], count)
         picked = [s.start + offset for s, m in zip(spans, counts, strict=True) for offset in stratified_offsets(s.length, m)]
-        return torch.cat([ctx.fresh_indices, torch.tensor(picked, dtype=torch.long, device=ctx.fresh_mask.device)])
+        return torch.tensor(picked, dtype=torch.long, device=ctx.fresh_mask.device)

@@ -63,11 +63,14 @@ class VLCachePolicy(SelectionPolicy):
     def initial_set(self, ctx: SelectionContext) -> torch.Tensor:
         self.last_budgets = self.budgets(ctx)
         self._prior = self._positional_prior(ctx)
+        return torch.cat([ctx.fresh_indices, self.initial_picks(ctx, self.last_budgets[0] if self.last_budgets else 0)])
+
+    def initial_picks(self, ctx: SelectionContext, count: int) -> torch.Tensor:
+        """The `count` moved tokens recomputed at layer 0: the earliest tokens of every span first; among
+        equal offsets, earlier spans first. (Subclasses change only this choice.)"""
         moved, offsets = span_offsets(ctx)
-        # earliest tokens of every span first; among equal offsets, earlier spans first
         order = torch.argsort(offsets * ctx.num_tokens + moved.float() / ctx.num_tokens, stable=True)
-        picked = moved[order[: self.last_budgets[0] if self.last_budgets else 0]]
-        return torch.cat([ctx.fresh_indices, picked])
+        return moved[order[:count]]
 
     def _positional_prior(self, ctx: SelectionContext) -> torch.Tensor:
         """Per-token weight of an error: (1 − offset in span) × share of the prompt that follows the token."""

@@ -8,7 +8,7 @@ request path and blake3 runs at memory speed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import blake3
@@ -25,13 +25,19 @@ KINDS = (ENCODER_KIND, KV_KIND, PREFIX_KIND, ALIAS_KIND)
 Bytes = bytes | memoryview
 
 
-def digest(*parts: Bytes | str) -> str:
-    """blake3 hex digest of the parts, each length-prefixed so ("ab", "c") != ("a", "bc")."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+def update_parts(hasher: Any, parts: Iterable[Bytes | str]) -> None:
+    """Feed `parts` to a blake3 `hasher`, each length-prefixed so ("ab", "c") != ("a", "bc"): the framing of
+    every digest in this package (keys here, model and checkpoint fingerprints)."""
     for part in parts:
         data = part.encode() if isinstance(part, str) else memoryview(part).cast("B")
         hasher.update(len(data).to_bytes(8, "little"))
         hasher.update(data)
+
+
+def digest(*parts: Bytes | str) -> str:
+    """blake3 hex digest of the parts, each length-prefixed (`update_parts`)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    update_parts(hasher, parts)
     return hasher.hexdigest()
 
 
@@ -51,6 +57,13 @@ def image_key_from_pixels(pixels: torch.Tensor, grid_thw: Sequence[int], setting
     """
     grid = ",".join(str(int(x)) for x in grid_thw)
     return digest("image-pixels", grid, settings, *tensor_parts(pixels))
+
+
+def item_key(pixels: torch.Tensor, layout: Sequence[int], modality: str, dtype: torch.dtype, options: str = "") -> str:
+    """The content key of one image or video item: its preprocessed pixels as the vision tower reads them
+    (cast to the tower's `dtype`), its layout, its modality and the encoder options (`encoder_options`). The one
+    definition `generate` (`encoder.item_keys`) and the vLLM client helper (`models/serving.py`) both use."""
+    return with_encoder_options(image_key_from_pixels(pixels.to(dtype), layout, modality), options)
 
 
 def image_key_from_seen(seen: np.ndarray | torch.Tensor, settings: str) -> str:

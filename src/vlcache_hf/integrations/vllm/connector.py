@@ -72,8 +72,7 @@ class VLCacheECConnector(ECConnectorBase):
         base = extra.get("staging_dir") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.staging = Path(base) / f"vlcache-ec-{vllm_config.instance_id or os.getppid()}"
         self.events = extra.get("events")
-        self._staged: dict[str, str] = {}  # scheduler: identifier -> staged file, validated (oldest first)
-        self._staged_at: dict[str, float] = {}
+        self._staged: dict[str, tuple[str, float]] = {}  # scheduler: identifier -> (validated staged file, when), oldest first
         self._loads: dict[str, str] = {}  # scheduler: loads for the next step
         self._layouts: dict[str, tuple[int, ...]] = {}  # scheduler: layouts of items being encoded
         if role == ECConnectorRole.SCHEDULER:
@@ -103,15 +102,15 @@ class VLCacheECConnector(ECConnectorBase):
         """Whether a valid entry exists; if so it is staged for this engine's worker (see module docstring)."""
         if not self.is_consumer:
             return False
-        staged = self._staged.get(identifier)
-        if staged is not None and os.path.exists(staged):
+        if self._staged_file(identifier) is not None:
             return True
-        entry = load_encoder_entry(self.store, self._key(identifier), self.fingerprint, self.format.hidden_size, self.dtype)
+        key = self._key(identifier)
+        entry = load_encoder_entry(self.store, key, self.fingerprint, self.format.hidden_size, self.dtype)
         if entry is None:
             return False
         try:
             tensor = self.format.join(entry.embeddings, entry.deepstack).contiguous()
-            path = self.staging / f"{self._key(identifier)}.safetensors"
+            path = self.staging / f"{key}.safetensors"
             partial = path.with_suffix(f".{os.getpid()}.partial")
             save_file({"output": tensor.cpu()}, str(partial))
             os.replace(partial, path)
@@ -119,24 +118,27 @@ class VLCacheECConnector(ECConnectorBase):
             logger.warning("%s: could not stage %s…: %s", CONNECTOR_NAME, identifier[:12], err)
             self._event("refused", identifier, reason=str(err))
             return False
-        self._staged[identifier] = str(path)
-        self._staged_at[identifier] = time.monotonic()
+        self._staged[identifier] = (str(path), time.monotonic())
         while len(self._staged) > MAX_STAGED:
-            oldest = next(iter(self._staged))
-            if time.monotonic() - self._staged_at[oldest] < STAGED_TTL:
+            oldest, (oldest_path, since) = next(iter(self._staged.items()))
+            if time.monotonic() - since < STAGED_TTL:
                 break
-            del self._staged_at[oldest]
-            Path(self._staged.pop(oldest)).unlink(missing_ok=True)
+            del self._staged[oldest]
+            Path(oldest_path).unlink(missing_ok=True)
         return True
+
+    def _staged_file(self, identifier: str) -> str | None:
+        """The staged copy of `identifier`, if it is still there."""
+        staged = self._staged.get(identifier)
+        return staged[0] if staged is not None and os.path.exists(staged[0]) else None
 
     def update_state_after_alloc(self, request: Request, index: int) -> None:
         feature = request.mm_features[index]
         identifier = feature.identifier
-        staged = self._staged.get(identifier)
-        if self.is_consumer and staged is not None and os.path.exists(staged):
+        staged = self._staged_file(identifier)
+        if self.is_consumer and staged is not None:
             self._loads[identifier] = staged
             del self._staged[identifier]  # the worker consumes the staged file
-            self._staged_at.pop(identifier, None)
         elif self.is_producer:
             layout = self.format.layout(feature.modality, feature.data)
             if layout is not None:
