@@ -6,14 +6,20 @@ naive reuse and the vlcache policy (5 % of the moved tokens recomputed) are from
 (first-token KL, averaged over a few requests; random weights make the numbers small — the ordering is the
 point, see eval/fidelity.py for a trained model):
 
-    python examples/model_families.py [--requests 4]
+    python examples/model_families.py [--requests 4] [--out eval/results/model_families.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import random
+import sys
+from pathlib import Path
 from statistics import mean
+
+import torch
+import transformers
 
 from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
@@ -27,10 +33,11 @@ MODES = [Mode("none", "none"), Mode("vlcache", "vlcache", 0.05)]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=4, help="moved-image requests per family")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this Markdown file")
     args = parser.parse_args()
 
-    print("| family | model class | image tokens | encoder hits | KL naive | KL vlcache 5 % |")
-    print("|---|---|---|---|---|---|")
+    lines = ["| family | model class | image tokens | encoder hits | KL naive | KL vlcache 5 % |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     for family in toy.FAMILIES:
         model, processor = toy.build_model(family), toy.build_processor(family)
         size = 128 if family == "qwen3_vl" else 112  # Qwen3-VL's 16-px patches
@@ -50,10 +57,21 @@ def main() -> None:
         cache = VLCache(model, store=store, policy="vlcache", recompute_ratio=0.05)
         model.generate(**probe, max_new_tokens=1, do_sample=False, **with_cache(model, cache))
         report = cache.report
-        print(
+        lines.append(
             f"| {get_adapter(model).family} | {type(model).__name__} | {report.image_tokens} | "
             f"{report.encoder_hits}/{report.images} | {mean(kls['none']):.3e} | {mean(kls['vlcache']):.3e} |"
         )
+        print(lines[-1])
+    if args.out:
+        header = [
+            "# Every family on one moved-image workload (random-weight toys)",
+            "",
+            f"Command: `python examples/model_families.py {' '.join(sys.argv[1:])}` — {platform.machine()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, float32; {args.requests} requests per family.",
+            "",
+        ]
+        args.out.write_text("\n".join(header + lines) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ TASK = synthetic.DEEP_TASK
 TOKENS_PER_SIDE = TASK.image_size // toy.PATCH  # 16 patches a side → 8 × 8 = 64 merged tokens
 #: the schedule: part of the checkpoint (a resumed run keeps it, whatever the command line says)
 SCHEDULE_KEYS = ("total_steps", "batch_size", "lr", "warmup", "seed", "weight_decay", "follow_ups")
+#: issue 19's targets for the exported model's test accuracy (overall, two-hop questions)
+TARGETS = {"all": 0.90, "two_hop": 0.80}
 #: validation accuracy at which training stops early (overall, two-hop): the issue's targets plus a margin
 EARLY_STOP = (0.97, 0.92)
 
@@ -478,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
     test = test_accuracy(args.out, args.test_size)
     print(f"exported to {args.out} ({size_mb:.1f} MB); test accuracy {json.dumps(test)}", flush=True)
+    for key, target in TARGETS.items():
+        verdict = "met" if test[key] >= target else "missed"
+        print(f"target {key} >= {target:.0%}: {verdict} ({test[key]:.2%})", flush=True)
     write_log(args.results, state, {"export_mb": round(size_mb, 2), "test_accuracy": test, "test_items": args.test_size})
     return 0
 
