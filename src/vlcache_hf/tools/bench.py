@@ -31,7 +31,8 @@ from ..store.store import CacheStore
 from ..store.tiers import MemoryTier
 from ..timing import summarize, time_first_token
 from . import toy
-from .bound import BoundInputs, LayerFlops, copy_bandwidth, ideal_ttft
+from .bound import BoundInputs, LayerFlops, copy_bandwidth, ideal_ttft, loaded_bytes
+from .memory import peak_memory
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class ModeResult:
     bound_parts_ms: dict[str, float] = field(default_factory=dict)
     split_ms: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
+    peak_mib: float | None = None  # largest peak memory growth of the timed runs (`memory.peak_memory`)
+    loaded_mib: float | None = None  # bytes of the stored entries the request read
 
 
 def _chat(processor, *parts):
@@ -189,21 +192,29 @@ class HFPrefixServer:
         return time_first_token(self.model, self.inputs, cache)
 
 
-def run_mode(model, scenario: Scenario, mode: Mode, repeats: int, seeded: CacheStore | None) -> tuple[list[float], Any]:
-    times, report = [], None
+def run_mode(
+    model, scenario: Scenario, mode: Mode, repeats: int, seeded: CacheStore | None
+) -> tuple[list[float], Any, int | None]:
+    """TTFTs of `repeats` runs (after one dropped warm-up), the last run's report, and the largest peak memory
+    growth of those runs in bytes (None where it cannot be measured)."""
+    times, report, peaks = [], None, []
     server = HFPrefixServer(model, scenario) if mode.kind == "hf_prefix" else None
     for _ in range(repeats + 1):  # the first run warms up allocators and is dropped
-        if mode.kind == "plain":
-            seconds = time_first_token(model, scenario.target)
-        elif server is not None:
-            seconds = server.time()
-        else:
+        cache = None
+        if mode.kind not in ("plain", "hf_prefix"):
             store = CacheStore([MemoryTier(64 * 1024**3)]) if seeded is None else _clone_store(seeded)
             cache = VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio)
-            seconds = time_first_token(model, scenario.target, cache)
+        with peak_memory(model.device) as peak:
+            if server is not None:
+                seconds = server.time()
+            else:
+                seconds = time_first_token(model, scenario.target, cache)
+        if cache is not None:
             report = cache.report
         times.append(seconds)
-    return times[1:], report
+        peaks.append(peak.bytes)
+    measured = [p for p in peaks[1:] if p is not None]
+    return times[1:], report, max(measured) if measured else None
 
 
 def _images(scenario: Scenario) -> int:
@@ -269,9 +280,10 @@ def bench_scenarios(model, processor, size: BenchSize, kinds: set[str], mode_nam
         full_median = None
         costs = _bound_inputs(model, scenario, size.repeats)
         for mode in wanted:
-            times, report = run_mode(model, scenario, mode, size.repeats, seeded)
+            times, report, peak = run_mode(model, scenario, mode, size.repeats, seeded)
             stats = summarize(times)
             result = ModeResult(scenario.name, mode.name, stats, prompt_tokens=int(scenario.target["input_ids"].shape[1]))
+            result.peak_mib = None if peak is None else peak / 2**20
             if mode.kind == "plain":
                 full_median = stats["median"]
                 costs = replace(costs, full_prefill_s=max(1e-9, full_median - costs.encoder_s_per_image * _images(scenario)))
@@ -283,6 +295,7 @@ def bench_scenarios(model, processor, size: BenchSize, kinds: set[str], mode_nam
                 ideal, parts = ideal_ttft(report, costs)
                 result.ideal_ms, result.share_of_bound = ideal * 1e3, ideal / stats["median"]
                 result.bound_parts_ms = {name: value * 1e3 for name, value in parts.items()}
+                result.loaded_mib = loaded_bytes(report, costs) / 2**20
                 t = report.timings
                 other = max(0.0, stats["median"] - t.total_s)
                 result.split_ms = {
@@ -303,7 +316,7 @@ def _sweep_point(model, processor, size: BenchSize, modes: list[Mode], axis: str
     seeded = _seeded_store(model, scenario)
     rows = []
     for mode in modes:
-        times, report = run_mode(model, scenario, mode, size.repeats, seeded)
+        times, report, _ = run_mode(model, scenario, mode, size.repeats, seeded)
         row = {
             "axis": axis,
             "value": value,
@@ -342,20 +355,35 @@ def markdown(results: list[ModeResult], repeats: int | None = None) -> str:
     """The results table; with one repeat per mode (`repeats=1`) its speedup column is footnoted as noise."""
     mark = " †" if repeats == 1 else ""
     lines = [
-        f"| scenario | mode | TTFT median ms (min–max) | speedup vs full{mark} | recomputed | ideal ms (encoder / prefill / load) | share of bound | encoder / load / rerotate / prefill / publish / other ms |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| scenario | mode | TTFT median ms (min–max) | speedup vs full{mark} | recomputed | ideal ms (encoder / prefill / load) | share of bound | encoder / load / rerotate / prefill / publish / other ms | peak MiB | entries loaded MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         split = " / ".join(f"{v:.0f}" for v in r.split_ms.values()) if r.split_ms else "–"
         ideal = "–" if r.ideal_ms is None else f"{r.ideal_ms:.1f} ({' / '.join(f'{v:.1f}' for v in r.bound_parts_ms.values())})"
         share = "–" if r.share_of_bound is None else f"{r.share_of_bound:.0%}"
+        peak = "–" if r.peak_mib is None else f"{r.peak_mib:.0f}"
+        loaded = "–" if r.loaded_mib is None else f"{r.loaded_mib:.0f}"
         lines.append(
             f"| {r.scenario} | {r.mode} | {r.ttft['median'] * 1e3:.1f} ({r.ttft['min'] * 1e3:.1f}–{r.ttft['max'] * 1e3:.1f}) | "
-            f"{r.speedup:.2f}× | {r.recomputed_fraction:.1%} | {ideal} | {share} | {split} |"
+            f"{r.speedup:.2f}× | {r.recomputed_fraction:.1%} | {ideal} | {share} | {split} | {peak} | {loaded} |"
         )
+    lines += against_hf_prefix(results)
     if repeats == 1:
         lines += ["", f"† {NOISE_WARNING[0].upper()}{NOISE_WARNING[1:]} (`--smoke` or `--repeats 1`)."]
     return "\n".join(lines)
+
+
+def against_hf_prefix(results: list[ModeResult]) -> list[str]:
+    """Per scenario, naive reuse against Hugging Face's own prefix caching in the same run (TTFT ratio HF / ours:
+    above 1× means VLCache answers sooner)."""
+    medians = {(r.scenario, r.mode): r.ttft["median"] for r in results}
+    lines = []
+    for scenario in dict.fromkeys(r.scenario for r in results):
+        hf, naive = medians.get((scenario, "hf-prefix")), medians.get((scenario, "naive"))
+        if hf and naive:
+            lines.append(f"- {scenario}: HF prefix cache {hf * 1e3:.1f} ms / naive reuse {naive * 1e3:.1f} ms = {hf / naive:.2f}×")
+    return ["", "Against Hugging Face prefix caching (same run):", "", *lines] if lines else []
 
 
 def plot(results: list[ModeResult], sweep_rows: list[dict], out: Path, stem: str) -> list[str]:

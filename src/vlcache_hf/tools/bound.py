@@ -58,12 +58,17 @@ class BoundInputs:
     encoder_bytes_per_token: int
 
 
+def loaded_bytes(report: PrefillReport, inputs: BoundInputs) -> float:
+    """Bytes of the stored entries a request reads: the K/V of its reused tokens and its encoder hits' outputs."""
+    hit_tokens = report.image_tokens * report.encoder_hits / max(1, report.images)
+    return report.reused_tokens * inputs.kv_bytes_per_token + hit_tokens * inputs.encoder_bytes_per_token
+
+
 def ideal_ttft(report: PrefillReport, inputs: BoundInputs) -> tuple[float, dict[str, float]]:
     """Seconds a mode would take with no overhead, and its parts (encoder, prefill, load)."""
     tokens, layers = report.total_tokens, len(report.recomputed_per_layer)
     share = inputs.flops.selective(report.recomputed_per_layer, tokens) / inputs.flops.full_prefill(tokens, layers)
-    hit_tokens = report.image_tokens * report.encoder_hits / max(1, report.images)
-    loaded = report.reused_tokens * inputs.kv_bytes_per_token + hit_tokens * inputs.encoder_bytes_per_token
+    loaded = loaded_bytes(report, inputs)
     parts = {
         "encoder": report.encoder_misses * inputs.encoder_s_per_image,
         "prefill": inputs.full_prefill_s * min(1.0, share),
