@@ -3,7 +3,7 @@ multi-image VQA test split, when the images were first seen in another context (
 
 For each test item the images are first shown after another preamble, in another order (their encoder
 outputs and K/V go to a fresh store), then the item's question is asked. Modes: full recomputation (the
-reference), exact prefix reuse only, naive reuse, and first_k / cacheblend / vlcache / random at budgets
+reference), exact prefix reuse only, naive reuse, and vlcache / stratified / coverage / first_k / cacheblend / random at budgets
 1, 2, 5, 10, 20 %. Per mode: accuracy, agreement of the whole greedy answer with full recomputation,
 KL(full ‖ mode) of the first answer token, recomputed share of the moved tokens.
 
@@ -41,7 +41,7 @@ from vlcache_hf.tools import synthetic
 from vlcache_hf.tools.pretrained import load_deep, load_default
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ["vlcache", "stratified", "first_k", "cacheblend", "random"]
+POLICIES = ["vlcache", "stratified", "coverage", "first_k", "cacheblend", "random"]
 BUDGETS = [0.01, 0.02, 0.05, 0.1, 0.2]
 
 

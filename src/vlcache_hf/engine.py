@@ -177,7 +177,9 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     with torch.no_grad():
         embeds = _embeddings(cache, input_ids, spans, features)
         cos, sin = adapter.rotary_cos_sin(embeds, positions)
-        ctx = SelectionContext(num_tokens, layout.num_layers, plan.fresh_mask, plan.moved_spans)
+        ctx = SelectionContext(
+            num_tokens, layout.num_layers, plan.fresh_mask, plan.moved_spans, reused_keys=lambda i: cache.layers[i].keys
+        )
         injections = adapter.layer_injections(spans, features, embeds[:, :num_tokens])
         mask = kwargs.get("attention_mask")
         key_padding = None if mask is None or bool(mask.all()) else mask[0, :num_tokens].bool()

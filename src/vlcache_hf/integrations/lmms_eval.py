@@ -11,8 +11,8 @@ same arguments as `lmms-eval`: it registers the model, then runs lmms-eval's own
 Model args (`--model_args k=v,...`):
     pretrained       a model directory or hub id loadable by `AutoModelForImageTextToText` + `AutoProcessor`;
                      `default` is the embedded tiny model (`vlcache_hf.tools.pretrained.load_default()`)
-    policy           any `VLCache` policy ("vlcache", "full", "none", "first_k", "cacheblend", "random"), or
-                     "plain": `model.generate` without VLCache (the reference)          [vlcache]
+    policy           any `VLCache` policy ("vlcache", "coverage", "stratified", "full", "none", "first_k",
+                     "cacheblend", "random"), or "plain": `model.generate` without VLCache   [vlcache]
     recompute_ratio  share of reused tokens to recompute, in [0, 1]                      [0.05]
     store            a directory: `CacheStore(disk=store)` (persists across runs); else in memory
     warmup           publish each doc's images from another context first (see below)    [true]

@@ -8,13 +8,17 @@ from ..errors import VLCacheError
 from .base import LayerObservation, ReusedSpan, SelectionContext, SelectionPolicy
 from .baselines import CacheBlendPolicy, FirstTokensPolicy, RandomPolicy
 from .builtin import FullRecompute, NoRecompute
+from .coverage import CoveragePolicy
 from .profile import DEFAULT_ALLOCATION, LayerProfile, allocate_budgets
 from .stratified import StratifiedPolicy
 from .vlcache import VLCachePolicy
 
 POLICIES: dict[str, type[SelectionPolicy]] = {
     cls.name: cls
-    for cls in (FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy, VLCachePolicy, StratifiedPolicy)
+    for cls in (
+        FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy, VLCachePolicy, StratifiedPolicy,
+        CoveragePolicy,
+    )
 }
 
 
@@ -59,6 +63,7 @@ def make_policy(
 __all__ = [
     "POLICIES",
     "CacheBlendPolicy",
+    "CoveragePolicy",
     "DEFAULT_ALLOCATION",
     "LayerProfile",
     "VLCachePolicy",

@@ -10,7 +10,8 @@ always contain every fresh token. The prefill enforces these rules, so a policy 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -36,6 +37,9 @@ class SelectionContext:
     num_layers: int
     fresh_mask: torch.Tensor  # bool [num_tokens]: tokens with no stored K/V, always recomputed
     moved_spans: tuple[ReusedSpan, ...]  # approximate reuse: candidates for recomputation
+    #: the reused keys a layer starts from ([1, kv_heads, num_tokens, head_dim]; rows of fresh tokens are not
+    #: filled yet), for policies that choose by what the stored K/V holds; None where there is no cache
+    reused_keys: Callable[[int], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def fresh_indices(self) -> torch.Tensor:
