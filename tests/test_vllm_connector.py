@@ -132,10 +132,11 @@ def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tm
     """Qwen3-VL's encoder output carries DeepStack features, which vLLM concatenates on the last dimension and
     `generate` keeps per layer. Engine 1 publishes (split per layer), engine 2 (a restart) loads them back
     (joined) and must answer as engine 1 did; each entry vLLM wrote must hold, layer by layer, what `generate`'s
-    own encoder computes for that picture. A random-weight toy checkpoint (saved here) stands in for a real one.
-    (Qwen3-VL's vLLM identifiers hash client uuids with its processor options, so Hugging Face and vLLM do not
-    share Qwen3-VL entries by key; see docs/vllm.md.)"""
+    own encoder computes for that picture, under the very key `generate` gives it (the client sends our keys as
+    uuids). A random-weight toy checkpoint (saved here) stands in for a real one; both sides load the processor
+    from it, as a user's processes would (the toy's PIL-backend image processor resizes differently)."""
     import torch
+    from transformers import AutoProcessor
 
     from vlcache_hf import CacheStore, VLCache
     from vlcache_hf.compat import with_cache
@@ -153,9 +154,11 @@ def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tm
     processor.save_pretrained(checkpoint)
     fp = bind_checkpoint(model, checkpoint)
     assert fp == checkpoint_fingerprint(checkpoint, torch.float32)
+    processor = AutoProcessor.from_pretrained(checkpoint)  # as the engine loads it (torchvision backend)
 
     store_dir = tmp_path / "store"
-    spec = {"model": str(checkpoint), "store": [f"disk://{store_dir}"], "max_tokens": 6, "requests": [{"index": 0}, {"index": 1}]}
+    spec = {"model": str(checkpoint), "store": [f"disk://{store_dir}"], "max_tokens": 6,
+            "requests": [{"index": 0, "uuid": True}, {"index": 1, "uuid": True}]}
     first = run_engine({**spec, "events": str(tmp_path / "first.jsonl")})
     saved = of_kind(events(tmp_path / "first.jsonl"), "save")
     assert saved and not of_kind(events(tmp_path / "first.jsonl"), "load")
@@ -180,6 +183,7 @@ def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tm
 
     ours, theirs = entries(hf_dir), entries(store_dir)
     assert len(ours) == len(theirs) == len(saved)
+    assert {f.stem for f in hf_dir.glob("enc-*.safetensors")} == {f.stem for f in store_dir.glob("enc-*.safetensors")}
     for mine in ours:
         assert len(mine.deepstack) == layers
         twins = [e for e in theirs if e.embeddings.shape == mine.embeddings.shape and torch.allclose(e.embeddings, mine.embeddings, atol=1e-4)]
@@ -187,3 +191,62 @@ def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tm
         assert twins[0].grid_thw == mine.grid_thw
         for a, b in zip(twins[0].deepstack, mine.deepstack, strict=True):
             assert torch.allclose(a, b, atol=1e-4), "vLLM's DeepStack features were split into the wrong layers"
+
+
+def test_qwen2_vl_in_the_engine_shares_entries_with_generate_both_ways(tmp_path):
+    """Qwen2-VL in the real engine (a random-weight toy checkpoint saved here; head_dim 32 for vLLM's CPU
+    attention). Engine 1 sends our content keys as uuids and publishes every picture; engine 2 (a restart) loads
+    them all, encodes nothing and answers as engine 1. Then `generate` on that store finds every picture (encoder
+    hits, no miss) and answers as plain `generate`; and each entry vLLM wrote holds, under the very key
+    `generate` uses, what `generate`'s own encoder computes for that picture."""
+    import torch
+    from transformers import AutoProcessor
+
+    from vlcache_hf import CacheStore, VLCache
+    from vlcache_hf.compat import with_cache
+    from vlcache_hf.fingerprint import bind_checkpoint, checkpoint_fingerprint
+    from vlcache_hf.store.entry import EncoderEntry
+    from vlcache_hf.tools import synthetic, toy
+
+    checkpoint = tmp_path / "qwen2-vl"
+    size = dataclasses.replace(toy.TINY, hidden_size=128, intermediate_size=256, mrope_section=(4, 6, 6))
+    model, processor = toy.build_model("qwen2_vl", size=size), toy.build_processor("qwen2_vl")
+    assert model.config.model_type == "qwen2_vl"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    fp = bind_checkpoint(model, checkpoint)
+    assert fp == checkpoint_fingerprint(checkpoint, torch.float32)
+    # the processor as both engines load it from the checkpoint: the toy's PIL-backend image processor resizes
+    # differently from the torchvision backend `from_pretrained` picks, so its pixels (and keys) differ
+    processor = AutoProcessor.from_pretrained(checkpoint)
+
+    store_dir = tmp_path / "store"
+    requests = [{"index": 0, "uuid": True}, {"index": 1, "uuid": True}]
+    spec = {"model": str(checkpoint), "store": [f"disk://{store_dir}"], "max_tokens": 6, "requests": requests}
+    first = run_engine({**spec, "events": str(tmp_path / "first.jsonl")})
+    saved = of_kind(events(tmp_path / "first.jsonl"), "save")
+    assert saved and not of_kind(events(tmp_path / "first.jsonl"), "load")
+    second = run_engine({**spec, "events": str(tmp_path / "second.jsonl")})
+    ev = events(tmp_path / "second.jsonl")
+    assert of_kind(ev, "load") == saved and not of_kind(ev, "save")
+    assert [r["token_ids"] for r in second["results"]] == [r["token_ids"] for r in first["results"]]
+
+    items = synthetic.make_split("test", 2)
+    inputs = [toy.chat_inputs(processor, synthetic.messages(item, synthetic.render_item(item))) for item in items]
+    hf_dir = tmp_path / "hf-store"
+    with CacheStore(disk=str(store_dir)) as shared, CacheStore(disk=str(hf_dir)) as own:
+        for request in inputs:
+            plain = model.generate(**request, max_new_tokens=6, do_sample=False)
+            cache = VLCache(model, store=shared)
+            reused = model.generate(**request, **with_cache(model, cache), max_new_tokens=6, do_sample=False)
+            assert torch.equal(plain, reused)
+            assert cache.report.encoder_hits == cache.report.images > 0 and cache.report.encoder_misses == 0
+            model.generate(**request, **with_cache(model, VLCache(model, store=own)), max_new_tokens=1, do_sample=False)
+        own.flush()
+        written = {path.stem for path in hf_dir.glob("enc-*.safetensors")}
+        assert written and written <= {path.stem for path in store_dir.glob("enc-*.safetensors")}
+        for key in written:
+            ours = EncoderEntry.from_stored(own.get(key), fp, size.hidden_size, torch.float32, key=key)
+            theirs = EncoderEntry.from_stored(shared.get(key), fp, size.hidden_size, torch.float32, key=key)
+            assert theirs.grid_thw == ours.grid_thw
+            assert torch.allclose(theirs.embeddings, ours.embeddings, atol=1e-4)
