@@ -62,34 +62,37 @@ def _env(plugin_dir: Path, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _metric(output_dir: Path, output: str) -> float:
-    """exact_match of synthetic_vqa from the results JSON lmms-eval wrote, and from its printed table.
+def _metric(output_dir: Path, output: str, task: str = "synthetic_vqa") -> float:
+    """exact_match of `task` from the results JSON lmms-eval wrote, and from its printed table.
 
     lmms-eval exits 0 even when evaluation failed ("Error during evaluation", an import error), so the run
     only counts when it wrote a results file with our task's metric and printed the same figure.
     """
     assert "Error during evaluation" not in output and "Traceback" not in output, output[-3000:]
     found = [
-        float(results["synthetic_vqa"]["exact_match,none"])
+        float(results[task]["exact_match,none"])
         for path in sorted(output_dir.rglob("*results*.json"))
-        if "synthetic_vqa" in (results := json.loads(path.read_text()).get("results", {}))
+        if task in (results := json.loads(path.read_text()).get("results", {}))
     ]
-    assert len(found) == 1, f"expected one results file with synthetic_vqa, found {len(found)}:\n{output[-3000:]}"
-    match = re.search(r"\|synthetic_vqa\s*\|none\s*\|\s*\d+\|exact_match\|[^|]*\|\s*([0-9.]+)\|", output)
-    assert match, f"no synthetic_vqa exact_match in the printed table:\n{output[-3000:]}"
+    assert len(found) == 1, f"expected one results file with {task}, found {len(found)}:\n{output[-3000:]}"
+    match = re.search(rf"\|{task}\s*\|none\s*\|\s*\d+\|exact_match\|[^|]*\|\s*([0-9.]+)\|", output)
+    assert match, f"no {task} exact_match in the printed table:\n{output[-3000:]}"
     assert float(match.group(1)) == pytest.approx(found[0], abs=1e-4)
     return found[0]
 
 
-@pytest.mark.parametrize("policy", ["full", "vlcache"])
-def test_lmms_eval_runs_synthetic_vqa(policy, plugin_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("pretrained", "task", "policy"),
+    [(MODEL, "synthetic_vqa", "full"), (MODEL, "synthetic_vqa", "vlcache"), ("deep", "synthetic_vqa_deep", "coverage")],
+)
+def test_lmms_eval_runs_synthetic_vqa(pretrained, task, policy, plugin_dir, tmp_path):
     stats = tmp_path / "stats.json"
     output = tmp_path / "out"
     command = [
         sys.executable, "-m", "lmms_eval",
         "--model", "vlcache",
-        "--model_args", f"pretrained={MODEL},policy={policy},stats_path={stats}",
-        "--tasks", "synthetic_vqa",
+        "--model_args", f"pretrained={pretrained},policy={policy},stats_path={stats}",
+        "--tasks", task,
         "--include_path", str(TASKS),
         "--limit", str(LIMIT),
         "--output_path", str(output),
@@ -98,10 +101,10 @@ def test_lmms_eval_runs_synthetic_vqa(policy, plugin_dir, tmp_path):
     # run from elsewhere: the task must find its parquet files by itself
     run = subprocess.run(command, cwd=tmp_path, env=_env(plugin_dir, tmp_path), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    accuracy = _metric(output, run.stdout + run.stderr)
+    accuracy = _metric(output, run.stdout + run.stderr, task)
     assert 0.0 <= accuracy <= 1.0
     summary = json.loads(stats.read_text())["summary"]
-    print(f"\nlmms-eval synthetic_vqa --limit {LIMIT}, policy {policy}: exact_match {accuracy:.3f}; {summary}")
+    print(f"\nlmms-eval {task} --limit {LIMIT}, {pretrained}, policy {policy}: exact_match {accuracy:.3f}; {summary}")
     assert summary["requests"] == LIMIT and summary["policy"] == policy
     assert summary["encoder_hit_rate"] == 1.0  # the warmup published every image's encoder output
     if policy == "full":

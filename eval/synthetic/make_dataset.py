@@ -2,6 +2,7 @@
 
     python eval/synthetic/make_dataset.py                 # writes eval/synthetic/data/{validation,test}.parquet
     python eval/synthetic/make_dataset.py --check         # regenerate in memory, compare with the files
+    python eval/synthetic/make_dataset.py --variant deep  # writes eval/synthetic/data/deep_test.parquet (1000 items)
 
 Items come from `vlcache_hf.tools.synthetic.make_split` (seeded, so the files are reproducible byte for byte);
 the pictures are drawn by `synthetic.render` and stored as PNG in a list-of-`datasets.Image()` column.
@@ -22,6 +23,9 @@ from vlcache_hf.tools import synthetic
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SIZES = {"validation": 500, "test": 2000}
+#: the deep variant (224-px pictures, 2–4 per item, two-hop questions: the deep embedded model's task) is
+#: exported as its test split only, with this many items
+DEEP_TEST_SIZE = 1000
 
 
 def features():
@@ -50,14 +54,14 @@ def _png(image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def build_split(split: str, size: int):
-    """The `datasets.Dataset` of the first `size` items of `split`."""
+def build_split(split: str, size: int, variant: str = "default"):
+    """The `datasets.Dataset` of the first `size` items of `split` of the task `variant`."""
     from datasets import Dataset
 
     rows: dict[str, list] = {name: [] for name in features()}
-    for index, item in enumerate(synthetic.make_split(split, size)):
+    for index, item in enumerate(synthetic.make_split(split, size, variant=variant)):
         rows["id"].append(f"{split}-{index:05d}")
-        rows["images"].append([_png(synthetic.render(scene)) for scene in item.scenes])
+        rows["images"].append([_png(image) for image in synthetic.render_item(item, variant)])
         rows["preamble"].append(item.preamble)
         rows["question"].append(item.question)
         rows["instruction"].append(item.instruction)
@@ -78,18 +82,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DATA_DIR, help="output directory (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="regenerate to a temp dir and compare with --out")
     parser.add_argument("--validation-size", type=int, default=SIZES["validation"])
-    parser.add_argument("--test-size", type=int, default=SIZES["test"])
+    parser.add_argument("--test-size", type=int, default=None, help=f"default {SIZES['test']} ({DEEP_TEST_SIZE} for deep)")
+    parser.add_argument("--variant", choices=["default", "deep"], default="default", help="which task variant")
     args = parser.parse_args(argv)
-    sizes = {"validation": args.validation_size, "test": args.test_size}
+    if args.variant == "deep":
+        sizes = {"test": args.test_size or DEEP_TEST_SIZE}
+    else:
+        sizes = {"validation": args.validation_size, "test": args.test_size or SIZES["test"]}
+    prefix = "" if args.variant == "default" else f"{args.variant}_"
 
     if args.check:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             for split, size in sizes.items():
-                fresh = Path(tmp) / f"{split}.parquet"
-                build_split(split, size).to_parquet(str(fresh))
-                stored = args.out / f"{split}.parquet"
+                fresh = Path(tmp) / f"{prefix}{split}.parquet"
+                build_split(split, size, args.variant).to_parquet(str(fresh))
+                stored = args.out / f"{prefix}{split}.parquet"
                 same = stored.is_file() and fresh.read_bytes() == stored.read_bytes()
                 print(f"{split}: {'identical' if same else 'DIFFERENT'} ({_digest(fresh)})")
                 if not same:
@@ -98,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     for split, size in sizes.items():
-        path = args.out / f"{split}.parquet"
-        dataset = build_split(split, size)
+        path = args.out / f"{prefix}{split}.parquet"
+        dataset = build_split(split, size, args.variant)
         dataset.to_parquet(str(path))
         kinds = {kind: dataset["kind"].count(kind) for kind in sorted(set(dataset["kind"]))}
         print(f"{split}: {len(dataset)} items, {sum(dataset['num_images'])} images, {path.stat().st_size / 1e6:.2f} MB, "

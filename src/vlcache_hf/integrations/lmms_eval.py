@@ -10,7 +10,8 @@ same arguments as `lmms-eval`: it registers the model, then runs lmms-eval's own
 
 Model args (`--model_args k=v,...`):
     pretrained       a model directory or hub id loadable by `AutoModelForImageTextToText` + `AutoProcessor`;
-                     `default` is the embedded tiny model (`vlcache_hf.tools.pretrained.load_default()`)
+                     `default` is the embedded tiny model (`vlcache_hf.tools.pretrained.load_default()`),
+                     `deep` the deep one (`load_deep()`, task `synthetic_vqa_deep`)
     policy           any `VLCache` policy ("vlcache", "coverage", "stratified", "full", "none", "first_k",
                      "cacheblend", "random"), or "plain": `model.generate` without VLCache   [vlcache]
     recompute_ratio  share of reused tokens to recompute, in [0, 1]                      [0.05]
@@ -64,6 +65,8 @@ from ..store.store import CacheStore
 MODEL_ID = "vlcache"
 CLASS_PATH = "vlcache_hf.integrations.lmms_eval.VLCacheLMM"
 PLAIN = "plain"
+#: `pretrained=` names of the embedded models → their loader in `vlcache_hf.tools.pretrained`
+EMBEDDED_MODELS = {"default": "load_default", "deep": "load_deep"}
 WARMUP_PROMPT = "Describe these pictures."
 _PLACEHOLDER = re.compile(r"<image(?:[ _]?(\d+))?>")
 _DTYPES = {
@@ -336,10 +339,11 @@ class VLCacheLMM(lmms):
 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if str(pretrained) == "default":
-            from ..tools.pretrained import load_default
+        if str(pretrained) in EMBEDDED_MODELS:
+            from ..tools import pretrained as embedded
 
-            model, processor = load_default(dtype=None if torch_dtype == "auto" else torch_dtype)
+            load = getattr(embedded, EMBEDDED_MODELS[str(pretrained)])
+            model, processor = load(dtype=None if torch_dtype == "auto" else torch_dtype)
         else:
             placement = {"device_map": str(self._device)} if self._device.type != "cpu" else {}  # load in place
             model = AutoModelForImageTextToText.from_pretrained(
