@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# The test suite under each transformers release",
         "",
-        f"Command: `python eval/version_matrix.py {shown}` — {platform.machine()}, {Path('/proc/cpuinfo').exists() and 'Linux' or platform.system()}; "
+        f"Command: `python eval/version_matrix.py {shown}` — {platform.machine()}, {platform.system()}; "
         "README's test command (`python -m pytest -q`) in a venv that layers the release over the project's environment.",
         "",
         "| transformers | torch | python | pytest | exit | time s |",

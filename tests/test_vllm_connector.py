@@ -128,6 +128,43 @@ def test_entries_shared_between_vllm_restarts_and_hugging_face(tmp_path, hf):
             assert report.encoder_hits == len(uuids[index]) and report.encoder_misses == 0
 
 
+def saved_toy_checkpoint(family: str, directory: Path):
+    """A random-weight toy of `family` saved to `directory` as a checkpoint both engines load: (model bound to
+    the checkpoint, processor loaded from it, fingerprint, toy size). head_dim 32 (128 hidden / 4 heads): vLLM's
+    CPU attention kernels take nothing smaller (the tiny toy has 16). The processor is the one `from_pretrained`
+    gives, as in the engine: the toy's own PIL-backend image processor resizes differently from the torchvision
+    backend `from_pretrained` picks, so its pixels (and keys) would differ."""
+    import torch
+    from transformers import AutoProcessor
+
+    from vlcache_hf.fingerprint import bind_checkpoint, checkpoint_fingerprint
+    from vlcache_hf.tools import toy
+
+    size = dataclasses.replace(toy.TINY, hidden_size=128, intermediate_size=256, mrope_section=(4, 6, 6))
+    model, processor = toy.build_model(family, size=size), toy.build_processor(family)
+    assert model.config.model_type == family
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    fp = bind_checkpoint(model, directory)
+    assert fp == checkpoint_fingerprint(directory, torch.float32)
+    return model, AutoProcessor.from_pretrained(directory), fp, size
+
+
+def restart_reuses_every_entry(checkpoint: Path, store_dir: Path, logs: Path) -> set[str]:
+    """Engine 1 sends our keys as uuids for test items 0 and 1 and publishes (no loads); engine 2, a restart on
+    the same store, loads every entry engine 1 saved, saves nothing and answers the same. The saved identifiers."""
+    spec = {"model": str(checkpoint), "store": [f"disk://{store_dir}"], "max_tokens": 6,
+            "requests": [{"index": 0, "uuid": True}, {"index": 1, "uuid": True}]}
+    first = run_engine({**spec, "events": str(logs / "first.jsonl")})
+    saved = of_kind(events(logs / "first.jsonl"), "save")
+    assert saved and not of_kind(events(logs / "first.jsonl"), "load")
+    second = run_engine({**spec, "events": str(logs / "second.jsonl")})
+    ev = events(logs / "second.jsonl")
+    assert of_kind(ev, "load") == saved and not of_kind(ev, "save")
+    assert [r["token_ids"] for r in second["results"]] == [r["token_ids"] for r in first["results"]]
+    return saved
+
+
 def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tmp_path):
     """Qwen3-VL's encoder output carries DeepStack features, which vLLM concatenates on the last dimension and
     `generate` keeps per layer. Engine 1 publishes (split per layer), engine 2 (a restart) loads them back
@@ -136,36 +173,17 @@ def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tm
     uuids). A random-weight toy checkpoint (saved here) stands in for a real one; both sides load the processor
     from it, as a user's processes would (the toy's PIL-backend image processor resizes differently)."""
     import torch
-    from transformers import AutoProcessor
 
     from vlcache_hf import CacheStore, VLCache
     from vlcache_hf.compat import with_cache
-    from vlcache_hf.fingerprint import bind_checkpoint, checkpoint_fingerprint
     from vlcache_hf.store.entry import EncoderEntry
     from vlcache_hf.tools import synthetic, toy
 
-    checkpoint = tmp_path / "qwen3-vl"
-    # vLLM's CPU attention kernels take head_dim 32 and up (the tiny toy has 16): 128 hidden / 4 heads
-    size = dataclasses.replace(toy.TINY, hidden_size=128, intermediate_size=256, mrope_section=(4, 6, 6))
-    model, processor = toy.build_model("qwen3_vl", size=size), toy.build_processor("qwen3_vl")
+    checkpoint, store_dir = tmp_path / "qwen3-vl", tmp_path / "store"
+    model, processor, fp, size = saved_toy_checkpoint("qwen3_vl", checkpoint)
     layers = len(model.config.vision_config.deepstack_visual_indexes)
     assert layers > 0
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    fp = bind_checkpoint(model, checkpoint)
-    assert fp == checkpoint_fingerprint(checkpoint, torch.float32)
-    processor = AutoProcessor.from_pretrained(checkpoint)  # as the engine loads it (torchvision backend)
-
-    store_dir = tmp_path / "store"
-    spec = {"model": str(checkpoint), "store": [f"disk://{store_dir}"], "max_tokens": 6,
-            "requests": [{"index": 0, "uuid": True}, {"index": 1, "uuid": True}]}
-    first = run_engine({**spec, "events": str(tmp_path / "first.jsonl")})
-    saved = of_kind(events(tmp_path / "first.jsonl"), "save")
-    assert saved and not of_kind(events(tmp_path / "first.jsonl"), "load")
-    second = run_engine({**spec, "events": str(tmp_path / "second.jsonl")})
-    ev = events(tmp_path / "second.jsonl")
-    assert of_kind(ev, "load") == saved and not of_kind(ev, "save")
-    assert [r["token_ids"] for r in second["results"]] == [r["token_ids"] for r in first["results"]]
+    saved = restart_reuses_every_entry(checkpoint, store_dir, tmp_path)
 
     # generate's own encoder outputs for the same pictures, as entries (written by a bound model's VLCache)
     hf_dir = tmp_path / "hf-store"
@@ -200,36 +218,15 @@ def test_qwen2_vl_in_the_engine_shares_entries_with_generate_both_ways(tmp_path)
     hits, no miss) and answers as plain `generate`; and each entry vLLM wrote holds, under the very key
     `generate` uses, what `generate`'s own encoder computes for that picture."""
     import torch
-    from transformers import AutoProcessor
 
     from vlcache_hf import CacheStore, VLCache
     from vlcache_hf.compat import with_cache
-    from vlcache_hf.fingerprint import bind_checkpoint, checkpoint_fingerprint
     from vlcache_hf.store.entry import EncoderEntry
     from vlcache_hf.tools import synthetic, toy
 
-    checkpoint = tmp_path / "qwen2-vl"
-    size = dataclasses.replace(toy.TINY, hidden_size=128, intermediate_size=256, mrope_section=(4, 6, 6))
-    model, processor = toy.build_model("qwen2_vl", size=size), toy.build_processor("qwen2_vl")
-    assert model.config.model_type == "qwen2_vl"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    fp = bind_checkpoint(model, checkpoint)
-    assert fp == checkpoint_fingerprint(checkpoint, torch.float32)
-    # the processor as both engines load it from the checkpoint: the toy's PIL-backend image processor resizes
-    # differently from the torchvision backend `from_pretrained` picks, so its pixels (and keys) differ
-    processor = AutoProcessor.from_pretrained(checkpoint)
-
-    store_dir = tmp_path / "store"
-    requests = [{"index": 0, "uuid": True}, {"index": 1, "uuid": True}]
-    spec = {"model": str(checkpoint), "store": [f"disk://{store_dir}"], "max_tokens": 6, "requests": requests}
-    first = run_engine({**spec, "events": str(tmp_path / "first.jsonl")})
-    saved = of_kind(events(tmp_path / "first.jsonl"), "save")
-    assert saved and not of_kind(events(tmp_path / "first.jsonl"), "load")
-    second = run_engine({**spec, "events": str(tmp_path / "second.jsonl")})
-    ev = events(tmp_path / "second.jsonl")
-    assert of_kind(ev, "load") == saved and not of_kind(ev, "save")
-    assert [r["token_ids"] for r in second["results"]] == [r["token_ids"] for r in first["results"]]
+    checkpoint, store_dir = tmp_path / "qwen2-vl", tmp_path / "store"
+    model, processor, fp, size = saved_toy_checkpoint("qwen2_vl", checkpoint)
+    restart_reuses_every_entry(checkpoint, store_dir, tmp_path)
 
     items = synthetic.make_split("test", 2)
     inputs = [toy.chat_inputs(processor, synthetic.messages(item, synthetic.render_item(item))) for item in items]
