@@ -17,6 +17,7 @@ from vlcache_hf.attention import (
     BACKENDS,
     SELECTIVE_ATTENTION,
     DenseMaskSDPA,
+    _active,
     _eager_attention,
     attention_mask_for,
     backend_for,
@@ -88,9 +89,14 @@ def test_dense_backend_attends_like_softmax_attention_with_grouped_heads(scaling
     query, key, value = _qkv(q_len=2, k_len=2)  # the shortest prompt that needs the causal flag
     out = DenseMaskSDPA().attend(None, query, key, value, None, 0.0, scaling)
     assert torch.allclose(out, _reference_attention(query, key, value, torch.ones(2, 2, dtype=torch.bool).tril(), scale), atol=1e-5)
-    # one query and no plan: it sees every key (the last prompt token)
+    # one query and no plan: it sees every key (the last prompt token); through the registered function, as the
+    # selective prefill calls it with its backend active
     query, key, value = _qkv(q_len=1)
-    out, none = selective_attention(None, query, key, value, None, scaling=scaling)
+    token = _active.set(DenseMaskSDPA())
+    try:
+        out, none = selective_attention(None, query, key, value, None, scaling=scaling)
+    finally:
+        _active.reset(token)
     assert none is None
     assert torch.allclose(out, _reference_attention(query, key, value, torch.ones(1, 5, dtype=torch.bool), scale), atol=1e-5)
 
@@ -192,8 +198,18 @@ def test_buffers_have_room_for_the_prompt_and_decoding():
     layout = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype=torch.bfloat16)
     buffers = allocate_buffers(layout, 10, torch.device("cpu"))
     assert DECODE_HEADROOM == 256
-    assert buffers.shape == (3, 2, 1, 2, 266, 4) and buffers.dtype == torch.bfloat16 and buffers.device.type == "cpu"
-    assert allocate_buffers(layout, 10, torch.device("meta")).device.type == "meta"
+    assert len(buffers) == 3
+    for keys, values in buffers:
+        for side in (keys, values):
+            assert side.shape == (1, 2, 266, 4) and side.dtype == torch.bfloat16 and side.device.type == "cpu"
+        assert keys.data_ptr() != values.data_ptr()
+    assert len({keys.data_ptr() for keys, _ in buffers}) == 3  # every layer its own storage
+    assert all(side.device.type == "meta" for pair in allocate_buffers(layout, 10, torch.device("meta")) for side in pair)
+
+
+def _as_layers(block: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) views of a [layers, 2, 1, kv_heads, rows, head_dim] block (writes reach the block)."""
+    return [(block[layer, 0], block[layer, 1]) for layer in range(block.shape[0])]
 
 
 def _kv(layers, tokens, start):
@@ -209,7 +225,7 @@ def test_fill_prefix_copies_text_rows_and_image_parts():
     buffers = torch.full((2, 2, 1, 1, 12, 2), -1.0)
     text = KVEntry(_kv(2, 3, 500), torch.zeros(1, 3))  # text rows 0, 1, 5
     image = KVEntry(_kv(2, 6, 700), torch.zeros(1, 6))  # rows 2..4 are the image's rows 1..3
-    fill_prefix(buffers, [PrefixChunk(torch.tensor([0, 1, 5]), text, ((2, 5, image, 1),))])
+    fill_prefix(_as_layers(buffers), [PrefixChunk(torch.tensor([0, 1, 5]), text, ((2, 5, image, 1),))])
     got = buffers[:, :, 0, 0, :, 0]
     for layer in range(2):
         for side in range(2):
@@ -217,7 +233,7 @@ def test_fill_prefix_copies_text_rows_and_image_parts():
             assert got[layer, side, :6].tolist() == [base + 500, base + 501, base + 701, base + 702, base + 703, base + 502]
             assert got[layer, side, 6:].eq(-1).all()
     empty = torch.full((2, 2, 1, 1, 4, 2), -1.0)
-    fill_prefix(empty, [PrefixChunk(torch.tensor([], dtype=torch.long), text, ((0, 2, image, 4),))])
+    fill_prefix(_as_layers(empty), [PrefixChunk(torch.tensor([], dtype=torch.long), text, ((0, 2, image, 4),))])
     assert empty[0, 0, 0, 0, :, 0].tolist() == [704, 705, -1, -1]
 
 
@@ -233,7 +249,7 @@ def test_fill_moved_rerotates_keys_only_and_skips_the_entry_offset(models):
     entry = KVEntry(kv, stored)
     buffers = torch.zeros(layers, 2, 1, kv_heads, 8, head_dim)
     new = torch.arange(8).view(1, 1, 8).expand(3, 1, 8).clone()  # rows 3..6 now sit at 3..6
-    fill_moved(adapter, buffers, entry, 2, 3, 7, new)  # entry rows 2..5 (stored at 12..15) into rows 3..6
+    fill_moved(adapter, _as_layers(buffers), entry, 2, 3, 7, new)  # entry rows 2..5 (stored at 12..15) into rows 3..6
     assert torch.equal(buffers[:, 1, 0, :, 3:7], kv[:, 1, :, 2:6])  # values are copied as they are
     assert buffers[:, :, :, :, :3].eq(0).all() and buffers[:, :, :, :, 7:].eq(0).all()
     # keys re-rotated by -9 on every axis: R(-9)·key equals what the model's rotary gives for positions 3..6
@@ -252,10 +268,10 @@ def test_fill_moved_rerotates_keys_only_and_skips_the_entry_offset(models):
     assert torch.allclose(buffers[:, 0, 0, :, 3:7], expected, atol=1e-4)
     same = torch.zeros_like(buffers)
     at_home = torch.arange(8).view(1, 1, 8).expand(3, 1, 8).clone() + 9  # rows 3..6 at 12..15: no rotation
-    fill_moved(adapter, same, entry, 2, 3, 7, at_home)
+    fill_moved(adapter, _as_layers(same), entry, 2, 3, 7, at_home)
     assert torch.equal(same[:, 0, 0, :, 3:7], kv[:, 0, :, 2:6]) and torch.equal(same[:, 1, 0, :, 3:7], kv[:, 1, :, 2:6])
     one_on = torch.zeros_like(buffers)
-    fill_moved(adapter, one_on, entry, 2, 3, 7, at_home + 1)  # one position further on every axis: rotated
+    fill_moved(adapter, _as_layers(one_on), entry, 2, 3, 7, at_home + 1)  # one position further on every axis: rotated
     expected = rotate(rotate(kv[:, 0, :, 2:6], -torch.arange(12, 16).expand(3, 4)), torch.arange(13, 17).expand(3, 4))
     assert torch.allclose(one_on[:, 0, 0, :, 3:7], expected, atol=1e-4) and not torch.allclose(expected, kv[:, 0, :, 2:6], atol=1e-2)
 
@@ -296,7 +312,7 @@ def test_layer_plans_are_built_once_per_window_and_recompute_set():
 def test_a_shrinking_policy_runs_each_layer_on_its_nested_set(models, images):
     """CacheBlend recomputes every moved token on layers 0 and 1, then the 8 of 32 (ratio 0.25) whose values moved
     most: the per-layer counts by hand, the sets nested (each layer writes a subset of the previous one's rows)."""
-    from helpers import greedy
+    from helpers import greedy, tokens_after_last_image
 
     from vlcache_hf import CacheStore, VLCache
     from vlcache_hf.tools import toy
@@ -317,10 +333,11 @@ def test_a_shrinking_policy_runs_each_layer_on_its_nested_set(models, images):
         layer.begin_write = begin_write
     greedy(model, moved, cache, max_new_tokens=1)
     layers = model.config.text_config.num_hidden_layers
-    total = cache.report.total_tokens  # the prompt; its last token runs after the selective prefill
+    total = cache.report.total_tokens  # the prompt; its fresh tail runs after the selective prefill
+    tail = tokens_after_last_image(moved, model.config.image_token_id)
     moved_counts = [32, 32] + [8] * (layers - 2)  # 2 images × 16 tokens moved
     assert cache.report.recomputed_per_layer == [total - 32 + m for m in moved_counts]
-    assert [len(rows) for rows, _ in written] == [total - 1 - 32 + m for m in moved_counts]
+    assert [len(rows) for rows, _ in written] == [total - tail - 32 + m for m in moved_counts]
     assert all(set(deep.tolist()) <= set(shallow.tolist()) for (shallow, _), (deep, _) in zip(written, written[1:], strict=False))
     assert [capture for _, capture in written] == [True] * layers  # cacheblend observes every layer's writes
     vlcache = VLCache(model, store=store, policy="vlcache", recompute_ratio=0.25)  # uniform budgets: 8 of 32 throughout

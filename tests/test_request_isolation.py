@@ -207,7 +207,11 @@ def _raise(*args) -> None:
     raise RuntimeError("injected encoder failure")
 
 
-@pytest.mark.parametrize("phase", ["encoder", "store_lookup", "selective_prefill", "publish"])
+def _raise_in_forward(*args) -> None:
+    raise RuntimeError("injected failure in the model's own forward")
+
+
+@pytest.mark.parametrize("phase", ["encoder", "store_lookup", "selective_prefill", "model_forward", "publish"])
 def test_failed_generate_leaves_model_and_store_as_they_were(subject, reference, images, phase):
     model, processor = subject
     store: CacheStore = _FaultyStore(
@@ -223,6 +227,8 @@ def test_failed_generate_leaves_model_and_store_as_they_were(subject, reference,
     handle = None
     if phase == "encoder":
         handle = get_adapter(model).vision_tower.register_forward_pre_hook(_raise)
+    if phase == "model_forward":  # the final norm runs in the model's forward over the prompt's tail, not before
+        handle = model.model.language_model.norm.register_forward_pre_hook(_raise_in_forward)
     if phase == "selective_prefill":
         policy = _FaultyPolicy(0.0)
     inputs = toy.chat_inputs(processor, [toy.message("user", images[0], images[5], "Two of them?")])
@@ -364,3 +370,34 @@ def test_append_after_crop_leaves_earlier_tensors_alone(subject, images):
     assert cache.get_seq_length() == length - 1
     for (keys, values), (k0, v0) in zip(held, snapshot, strict=True):
         assert torch.equal(keys, k0) and torch.equal(values, v0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_forward_beside_a_selective_prefill_is_the_models_own(attn):
+    """While one thread's selective prefill has the shared attention config switched, another thread's ordinary
+    forward over a cache (several new tokens after cached ones: it needs a causal mask offset by the cache) must
+    compute what the model's own implementation computes. Expected logits come from the untouched reference."""
+    from transformers import DynamicCache
+
+    from vlcache_hf.attention import backend_for, selective_attention_enabled
+
+    model, reference = (toy.build_model(FAMILY, attn_implementation=attn) for _ in range(2))
+    ids = toy.build_processor(FAMILY).tokenizer("a few words of text after a cached start", return_tensors="pt")["input_ids"]
+    split = ids.shape[1] // 2
+
+    def two_steps(m) -> torch.Tensor:
+        cache = DynamicCache(config=m.config)
+        with torch.no_grad():
+            m(input_ids=ids[:, :split], past_key_values=cache, use_cache=True)
+            return m(input_ids=ids[:, split:], past_key_values=cache, use_cache=True).logits
+
+    expected = two_steps(reference)
+    got: list[torch.Tensor] = []
+    config = get_adapter(model).attention_config()
+    with selective_attention_enabled(config, backend_for(model.device, attn)):  # another thread's prefill
+        assert config._attn_implementation != attn
+        worker = threading.Thread(target=lambda: got.append(two_steps(model)))
+        worker.start()
+        worker.join(timeout=60)
+    assert config._attn_implementation == attn
+    assert (got[0] - expected).abs().max() < 1e-5

@@ -145,6 +145,7 @@ def test_vanished_directory_is_a_miss_and_comes_back(tmp_path, qwen, caplog):
     assert store.stats()[0].errors >= 1
     path.mkdir()  # an operator recreates it: the tier is used again
     _answer(model, inputs, store)
+    assert store.flush()  # written behind the first token: wait for it
     assert store.stats()[0].healthy and store.stats()[0].entries > 0
 
 

@@ -8,7 +8,10 @@ SDPA with native grouped-query attention on CPU, and on CUDA the memory-efficien
 A model loaded with `attn_implementation="eager"` keeps its own eager kernel (its family's
 `eager_attention_forward`, fed our mask as the additive float mask eager masks are), so its prefill rounds as
 the model's own does: in bf16/fp16 SDPA and eager round differently by up to one unit in the last place.
-The model's own implementation still serves the last prompt token and every decoding step.
+The model's own implementation still serves the prompt's fresh tail and every decoding step.
+The config is shared by every thread using the model, so while one thread's selective prefill has it switched,
+another thread's ordinary forward of the same model reaches this function too: outside a selective prefill it
+is the model's own implementation, fed the mask that implementation builds (`own_implementation_mask`).
 Masks carry every restriction (causality by prompt position, padding, sliding windows), so the
 `sliding_window` argument the model passes is not needed here.
 
@@ -33,6 +36,8 @@ from typing import Any, ClassVar
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 SELECTIVE_ATTENTION = "vlcache_selective"
 #: the attention implementation the model was configured with, while `selective_attention_enabled` replaces it
@@ -156,11 +161,44 @@ def selective_attention(
 ) -> tuple[torch.Tensor, None]:
     """The function registered with transformers' `AttentionInterface`: `attention_mask` is the active
     backend's plan for this layer (handed through the decoder layer unchanged)."""
-    backend = _active.get() or BACKENDS[DenseMaskSDPA.name]
+    backend = _active.get()
+    if backend is None:  # an ordinary forward while another thread's selective prefill has the config switched
+        return _own_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return backend.attend(module, query, key, value, attention_mask, dropout, scaling), None
 
 
+def own_implementation(config: Any) -> str:
+    """The attention implementation `config` has outside selective prefills (what they switched it from)."""
+    current = config._attn_implementation
+    if current != SELECTIVE_ATTENTION:
+        return current
+    with _switch_lock:
+        switched = _switched.get(id(config))
+    return switched[0] if switched is not None else "sdpa"
+
+
+def _own_attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, Any]:
+    """The model's own attention, as its modeling code would have called it."""
+    own = own_implementation(module.config)
+    if own == "eager":
+        forward = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if forward is None:
+            raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in its modeling module")
+        return forward(module, query, key, value, attention_mask, **kwargs)
+    return ALL_ATTENTION_FUNCTIONS[own](module, query, key, value, attention_mask, **kwargs)
+
+
+def own_implementation_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    """The mask function transformers calls for a config switched to selective attention: a forward outside a
+    selective prefill gets the mask of the model's own implementation (None where that one builds none)."""
+    own = own_implementation(config) if config is not None else "sdpa"
+    if own not in ALL_MASK_ATTENTION_FUNCTIONS:
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS[own](*args, config=config, **kwargs)
+
+
 AttentionInterface.register(SELECTIVE_ATTENTION, selective_attention)
+AttentionMaskInterface.register(SELECTIVE_ATTENTION, own_implementation_mask)
 
 
 _switch_lock = threading.Lock()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,7 +181,8 @@ class VLCache(Cache):
         self.store = _checked_store(store)
         self.report: PrefillReport | None = None
         self.is_prefilled = False
-        self.pending_entries: list[tuple[str, Any]] = []  # encoder entries published once the prefill succeeds
+        self.pending_entries: list[tuple[str, Any]] = []  # encoder entries published once the forward succeeds
+        self.pending_kv: Callable[[], None] | None = None  # publishes the request's K/V once the forward succeeds
         super().__init__(layers=[VLCacheLayer() for _ in range(self.adapter.kv_layout.num_layers)])
         hook.install(model)
         encoder.install(self.adapter)
@@ -212,7 +214,7 @@ class VLCache(Cache):
     def abandon_prefill(self) -> None:
         """Forget a prefill that raised: empty layers, no report, nothing pending (a retry starts afresh)."""
         self.layers = [VLCacheLayer() for _ in self.layers]
-        self.report, self.is_prefilled = None, False
+        self.report, self.is_prefilled, self.pending_kv = None, False, None
         self.pending_entries.clear()
 
     def __deepcopy__(self, memo: dict) -> VLCache:
@@ -220,6 +222,7 @@ class VLCache(Cache):
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
             clone.__dict__[name] = value if name in self._SHARED else copy.deepcopy(value, memo)
+        clone.pending_kv, clone.pending_entries = None, []  # a copy publishes nothing of the original's request
         return clone
 
     def __repr__(self) -> str:

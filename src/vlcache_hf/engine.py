@@ -1,8 +1,12 @@
 """One request's prefill, end to end: images → plan → load → assemble → selective prefill → publish.
 
 `prefill_request` is what the forward pre-hook runs on `generate`'s prefill call. It fills the `VLCache`
-with every prompt token but the last and returns the kwargs with which the model's own forward computes
-that last token (and so the first logits) on top of the cache.
+with the prompt up to its *fresh tail* and returns the kwargs with which the model's own forward computes that
+tail (and so the first logits) on top of the cache. In a request that reuses stored K/V, the fresh tail is the
+text after the last row the store or an image holds — a chat turn's new question — which no policy could
+reuse, so one forward computes it in the same pass over the weights as the last token (a separate selective
+prefill of it would cost a second pass). Otherwise it is the last token alone. What the request computed is published once that forward succeeded (`publish_computed`, run by the
+forward hook).
 """
 
 from __future__ import annotations
@@ -112,9 +116,15 @@ def _contexts(
     return hashes, {s.start: ends[s.end] for s in spans if s.end <= num_tokens}, end_context
 
 
-def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -> dict[str, Any]:
-    """Fill `cache` with all prompt tokens but the last `keep`; return kwargs for the model's forward over those
-    (`keep` > 1 when the caller needs their logits: assisted decoding's candidates, `logits_to_keep`)."""
+def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, fresh_tail: bool = False) -> dict[str, Any]:
+    """Fill `cache` with the prompt but its last `keep` tokens (more with `fresh_tail`); return kwargs for the
+    model's forward over the rest.
+
+    `keep` > 1 when the caller needs the logits of the last `keep` tokens (assisted decoding's candidates,
+    `logits_to_keep`). With `fresh_tail` (the caller keeps only the last `keep` logits) the model's forward also
+    takes every fresh text token after the last stored or image row. The store's view of the request (lookups,
+    what is published) is the prompt but its last `keep` tokens either way.
+    """
     start = time.perf_counter()
     settings = cache.settings
     adapter, store, fp, policy = cache.adapter, cache.store, cache.fingerprint, settings.policy
@@ -157,6 +167,11 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
                     hits[span.start] = hit
     span_hits = {start: hit.exact for start, hit in hits.items()}
     plan = plan_prefill(num_tokens, spans, prefix_tokens, device=device, span_hits=span_hits)
+    # rows [0, computed_until) are loaded or selectively computed here; the rest, fresh text, by the model's forward.
+    # A request that reuses nothing keeps its whole prompt here: computed from row 0 in one call, as the model's own
+    # prefill computes it, its K/V (and every later exact repeat of it) stays bit-exact in half precision.
+    reuses = plan.reused_count > 0
+    computed_until = _fresh_tail_start(plan, spans) if fresh_tail and reuses else num_tokens
     buffers = allocate_buffers(layout, num_tokens, device)
     fill_prefix(buffers, prefix_chunks)
     _sync(device)
@@ -167,8 +182,8 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
     for part in plan.reused_spans:  # part.offset: where the reused part starts within its stored span
         entry = hits[part.start - part.offset].entry
         fill_moved(adapter, buffers, entry, part.offset, part.start, part.end, positions)
-    for layer_idx, layer in enumerate(cache.layers):
-        layer.load(buffers[layer_idx, 0], buffers[layer_idx, 1], num_tokens)
+    for layer, (keys, values) in zip(cache.layers, buffers, strict=True):
+        layer.load(keys, values, computed_until)
     _sync(device)
     timings.rerotation_s = time.perf_counter() - tick
 
@@ -178,48 +193,55 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
         embeds = _embeddings(cache, input_ids, spans, features)
         cos, sin = adapter.rotary_cos_sin(embeds, positions)
         ctx = SelectionContext(
-            num_tokens, layout.num_layers, plan.fresh_mask, plan.moved_spans, reused_keys=lambda i: cache.layers[i].keys
+            computed_until,
+            layout.num_layers,
+            plan.fresh_mask[:computed_until],
+            plan.moved_spans,
+            reused_keys=lambda i: cache.layers[i].keys,
         )
-        injections = adapter.layer_injections(spans, features, embeds[:, :num_tokens])
+        injections = adapter.layer_injections(spans, features, embeds[:, :computed_until])
         mask = kwargs.get("attention_mask")
-        key_padding = None if mask is None or bool(mask.all()) else mask[0, :num_tokens].bool()
+        key_padding = None if mask is None or bool(mask.all()) else mask[0, :computed_until].bool()
+        rows = slice(0, computed_until)
         counts = (
-            run_layers(adapter, cache, embeds[:, :num_tokens], cos[:, :num_tokens], sin[:, :num_tokens], policy, ctx, key_padding, injections)
-            if num_tokens > 0
+            run_layers(adapter, cache, embeds[:, rows], cos[:, rows], sin[:, rows], policy, ctx, key_padding, injections)
+            if computed_until > 0
             else [0] * layout.num_layers
         )
     _sync(device)
     timings.prefill_s = time.perf_counter() - tick
 
-    # 4. publish what this request computed
-    tick = time.perf_counter()
+    # 4. publish what this request computed — once the model's forward has computed the rest (forward hook)
     if settings.publish and num_tokens > 0 and base_rope:
-        layer_buffers = [(layer.keys, layer.values) for layer in cache.layers]
-        exact_until = plan.exact_until  # K/V after a moved (approximate) part is approximate too
-        publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, full_chunks, exact_until, spans)
-        tail_start = len(chunk_hashes) * chunk
-        parent = chunk_hashes[-1] if chunk_hashes else prefix_root(fp)
-        if tail_start < num_tokens <= exact_until and loaded_tail != (parent, num_tokens):
-            publish_tail(store, fp, layer_buffers, positions, parent, tail_start, num_tokens, spans, end_context(num_tokens))
-        for span in spans:
-            if span.end <= num_tokens and span.start not in hits and span.end > plan.prefix_tokens:
-                exact = span.end <= exact_until
-                publish_image(store, fp, layer_buffers, positions, span, contexts[span.start], exact)
-    _sync(device)
-    timings.publish_s = time.perf_counter() - tick
+
+        def publish() -> None:
+            layer_buffers = [(layer.keys, layer.values) for layer in cache.layers]
+            exact_until = plan.exact_until  # K/V after a moved (approximate) part is approximate too
+            publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, full_chunks, exact_until, spans)
+            tail_start = len(chunk_hashes) * chunk
+            parent = chunk_hashes[-1] if chunk_hashes else prefix_root(fp)
+            if tail_start < num_tokens <= exact_until and loaded_tail != (parent, num_tokens):
+                publish_tail(store, fp, layer_buffers, positions, parent, tail_start, num_tokens, spans, end_context(num_tokens))
+            for span in spans:
+                if span.end <= num_tokens and span.start not in hits and span.end > plan.prefix_tokens:
+                    exact = span.end <= exact_until
+                    publish_image(store, fp, layer_buffers, positions, span, contexts[span.start], exact)
+
+        cache.pending_kv = publish
     adapter.after_prefill(positions, total)
     timings.total_s = features.seconds + time.perf_counter() - start
 
     computed_at_layer0 = counts[0] if counts else 0
+    by_the_model = total - computed_until  # rows the model's own forward computes
     kv_hits = sum(1 for s in spans if s.end <= plan.prefix_tokens or s.start in hits)
     moved_tokens = sum(part.length for part in plan.moved_parts)
     cache.report = PrefillReport(
         policy=policy.name,
         total_tokens=total,
-        reused_tokens=num_tokens - computed_at_layer0,
+        reused_tokens=computed_until - computed_at_layer0,
         prefix_tokens=plan.prefix_tokens,
-        recomputed_tokens=computed_at_layer0 + keep,
-        recomputed_per_layer=[c + keep for c in counts],
+        recomputed_tokens=computed_at_layer0 + by_the_model,
+        recomputed_per_layer=[c + by_the_model for c in counts],
         image_tokens=sum(s.length for s in spans),
         images=len({s.index for s in spans}),
         encoder_hits=sum(features.hits),
@@ -233,7 +255,29 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -
         moved_tokens=moved_tokens,
     )
     cache.mark_prefilled()
-    return _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans, keep)
+    return _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans, by_the_model)
+
+
+def _fresh_tail_start(plan, spans: list[ImageSpan]) -> int:
+    """The first row of the prompt's fresh tail: past the exact prefix and past every image span (in the store's
+    view, rows [0, plan.num_tokens)). Every row from there on is a text token with no stored K/V."""
+    last_image_end = max((min(s.end, plan.num_tokens) for s in spans if s.start < plan.num_tokens), default=0)
+    return max(plan.prefix_tokens, last_image_end)
+
+
+def publish_computed(cache) -> None:
+    """Publish what the request's prefill computed (its K/V rows, then its encoder outputs), after the model's
+    forward has succeeded: the rows the forward computed are in the cache by then, and a request whose forward
+    failed publishes nothing."""
+    publish_kv, cache.pending_kv = cache.pending_kv, None
+    start = time.perf_counter()
+    if publish_kv is not None:
+        with torch.no_grad():
+            publish_kv()
+    encoder.publish_pending(cache)
+    if cache.report is not None and cache.report.timings is not None:
+        _sync(cache.model.device)
+        cache.report.timings.publish_s = time.perf_counter() - start
 
 
 def plain_prefill(cache, args: tuple, kwargs: dict[str, Any], reason: str) -> None:

@@ -1,10 +1,12 @@
-"""The forward pre-hook that makes `model.generate(..., past_key_values=VLCache(...))` work unchanged.
+"""The forward hooks that make `model.generate(..., past_key_values=VLCache(...))` work unchanged.
 
-It only translates: when the model is called with a `VLCache` that has not been prefilled yet and more
-than one prompt token, the hook runs `engine.prefill_request` and hands the model's forward the final
-prompt token alone (the final n when the caller keeps n logits: assisted decoding). A prefill that must
+They only translate. When the model is called with a `VLCache` that has not been prefilled yet and more
+than one prompt token, the pre-hook runs `engine.prefill_request` and hands the model's forward the prompt's
+fresh tail — the text after the last stored or image row, the final token at least (the final n when the caller
+keeps n logits: assisted decoding; only the final token when the caller keeps every logit). A prefill that must
 return something of every position (hidden states, attentions, a loss) runs as the model's own forward
-instead (`engine.plain_prefill`). Every other call passes through untouched.
+instead (`engine.plain_prefill`). Once that forward has returned, the post-hook publishes what the request
+computed (`engine.publish_computed`). Every other call passes through untouched.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from . import encoder
 from .cache_lookup import find_cache
-from .engine import plain_prefill, prefill_request
+from .engine import plain_prefill, prefill_request, publish_computed
 from .errors import VLCacheError
 
 _install_lock = threading.Lock()
@@ -35,9 +36,28 @@ def _prefill_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
     reason = _plain_prefill_reason(module, kwargs, input_ids.shape[1]) if input_ids is not None else ""
     if reason:  # the model's own forward computes everything; the encoder cache has served its images
         plain_prefill(cache, args, kwargs, reason)
-        encoder.publish_pending(cache)
         return None
-    return (), _prefill(cache, args, kwargs, _tokens_for_the_model(kwargs))
+    return (), _prefill(cache, args, kwargs, _tokens_for_the_model(kwargs), _keeps_last_logits_only(kwargs))
+
+
+def _publish_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    """After a prefill forward: publish what its request computed (nothing for any other call).
+
+    Registered with `always_call`, so it also runs when the forward raised (`output` is then None): the
+    request failed as a whole, so its cache is emptied and nothing of it is published, as when its prefill
+    fails.
+    """
+    cache = find_cache(kwargs)
+    if cache is None or (cache.pending_kv is None and not cache.pending_entries):
+        return
+    if output is None:
+        cache.abandon_prefill()
+        return
+    try:
+        publish_computed(cache)
+    except BaseException:
+        cache.abandon_prefill()
+        raise
 
 
 #: forward outputs that cover every prompt position; the selective prefill produces none of them
@@ -70,12 +90,18 @@ def _tokens_for_the_model(kwargs: dict[str, Any]) -> int:
     return keep if isinstance(keep, int) and keep > 1 else 1
 
 
-def _prefill(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -> dict[str, Any]:
+def _keeps_last_logits_only(kwargs: dict[str, Any]) -> bool:
+    """True when the caller keeps only the last `logits_to_keep` logits (as `generate` does), so the model's
+    forward may compute more final tokens than that: the prompt's fresh tail."""
+    keep = kwargs.get("logits_to_keep")
+    return isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1
+
+
+def _prefill(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, fresh_tail: bool = False) -> dict[str, Any]:
     """Run the request's prefill as one unit: if any phase raises, the cache is left empty and nothing this
     request computed is published, so a retry or the next request starts from the state before it."""
     try:
-        new_kwargs = prefill_request(cache, args, kwargs, keep=keep)
-        encoder.publish_pending(cache)
+        new_kwargs = prefill_request(cache, args, kwargs, keep=keep, fresh_tail=fresh_tail)
     except BaseException:
         cache.abandon_prefill()
         raise
@@ -83,8 +109,10 @@ def _prefill(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1) -> dict[
 
 
 def install(model: nn.Module) -> None:
-    """Register the pre-hook on `model` once. The hook is a module-level function kept in the model's own
+    """Register the hooks on `model` once. Each hook is a module-level function kept in the model's own
     hook table, so a `deepcopy` or a `torch.save`d model carries it (and is not hooked twice)."""
     with _install_lock:  # two threads creating the first caches of a model at once must not hook it twice
         if _prefill_hook not in model._forward_pre_hooks.values():
             model.register_forward_pre_hook(_prefill_hook, with_kwargs=True)
+        if _publish_hook not in model._forward_hooks.values():
+            model.register_forward_hook(_publish_hook, with_kwargs=True, always_call=True)

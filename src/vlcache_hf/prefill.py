@@ -22,31 +22,47 @@ from .store.entry import KVEntry, to_device
 DECODE_HEADROOM = 256
 
 
-def allocate_buffers(layout: KVLayout, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """One [num_layers, 2, 1, kv_heads, capacity, head_dim] block; rows are filled before they are read.
+#: per decoder layer, its (keys, values) buffers, each [1, kv_heads, capacity, head_dim]
+LayerBuffers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def allocate_buffers(layout: KVLayout, num_tokens: int, device: torch.device) -> LayerBuffers:
+    """Per layer, uninitialised keys and values [1, kv_heads, capacity, head_dim]; rows are filled before they
+    are read.
 
     The capacity leaves room for the final prompt token and the first decoding steps, which then append
-    in place (see `VLCacheLayer`).
+    in place (see `VLCacheLayer`). One tensor per layer and side, not one block for the whole prompt: a block of
+    tens of MiB is mapped fresh by the C allocator on every request and every page of it faults in on first touch
+    (measured: 25.9 ms against 6.0 ms to fill a warm 70 MiB block on the CPU), while per-layer tensors reuse the
+    memory the previous request freed, as `DynamicCache`'s do.
     """
-    capacity = num_tokens + DECODE_HEADROOM
-    return torch.empty(
-        (layout.num_layers, 2, 1, layout.num_kv_heads, capacity, layout.head_dim), dtype=layout.dtype, device=device
-    )
+    shape = (1, layout.num_kv_heads, num_tokens + DECODE_HEADROOM, layout.head_dim)
+    return [
+        (torch.empty(shape, dtype=layout.dtype, device=device), torch.empty(shape, dtype=layout.dtype, device=device))
+        for _ in range(layout.num_layers)
+    ]
 
 
-def fill_prefix(buffers: torch.Tensor, chunks: list[PrefixChunk]) -> None:
+def fill_prefix(buffers: LayerBuffers, chunks: list[PrefixChunk]) -> None:
     """Copy the exact prefix chunks into their rows: each chunk's text rows from the chunk entry, its image rows
     from the images' exact entries (stored at these very positions: no re-rotation)."""
     for chunk in chunks:
         if chunk.text_rows.numel():
-            buffers[:, :, 0, :, chunk.text_rows.to(buffers.device)] = to_device(chunk.text.kv, buffers.device)
+            kv = to_device(chunk.text.kv, buffers[0][0].device)
+            rows = chunk.text_rows.to(buffers[0][0].device)
+            for layer, (keys, values) in enumerate(buffers):
+                keys[0].index_copy_(1, rows, kv[layer, 0])
+                values[0].index_copy_(1, rows, kv[layer, 1])
         for first, last, entry, offset in chunk.image_parts:
-            buffers[:, :, 0, :, first:last] = to_device(entry.kv[:, :, :, offset : offset + last - first], buffers.device)
+            kv = to_device(entry.kv[:, :, :, offset : offset + last - first], buffers[0][0].device)
+            for layer, (keys, values) in enumerate(buffers):
+                keys[0, :, first:last] = kv[layer, 0]
+                values[0, :, first:last] = kv[layer, 1]
 
 
 def fill_moved(
     adapter: ModelAdapter,
-    buffers: torch.Tensor,
+    buffers: LayerBuffers,
     entry: KVEntry,
     entry_offset: int,
     start: int,
@@ -58,15 +74,17 @@ def fill_moved(
     `entry_offset` skips the entry's first rows when the span's start lies inside an exact prefix.
     """
     count = end - start
-    kv = to_device(entry.kv[:, :, :, entry_offset : entry_offset + count], buffers.device)
+    kv = to_device(entry.kv[:, :, :, entry_offset : entry_offset + count], buffers[0][0].device)
     old = entry.positions[:, entry_offset : entry_offset + count]
     delta = position_delta(new_positions[:, 0, start:end], old)
     if bool((delta == 0).all()):
-        buffers[:, 0, 0, :, start:end] = kv[:, 0]
+        keys = kv[:, 0]
     else:
         cos, sin = adapter.rotation_cos_sin(kv, delta)
-        buffers[:, 0, 0, :, start:end] = apply_rotation(kv[:, 0], cos, sin)
-    buffers[:, 1, 0, :, start:end] = kv[:, 1]
+        keys = apply_rotation(kv[:, 0], cos, sin)
+    for layer, (layer_keys, layer_values) in enumerate(buffers):
+        layer_keys[0, :, start:end] = keys[layer]
+        layer_values[0, :, start:end] = kv[layer, 1]
 
 
 class LayerPlans:

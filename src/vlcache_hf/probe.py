@@ -123,9 +123,12 @@ def warm_store(model, inputs, store: CacheStore) -> None:
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """KL(reference ‖ candidate) of the next-token distributions given by two logit vectors."""
-    p = torch.log_softmax(reference_logits.float(), -1)
-    q = torch.log_softmax(logits.float(), -1)
+    """KL(reference ‖ candidate) of the next-token distributions given by two logit vectors.
+
+    In float64: in float32 the two log-normalisers' rounding alone leaves ~1e-8 of KL between logits that agree
+    to 1e-7, which would hide how small a difference really is."""
+    p = torch.log_softmax(reference_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
     return float((p.exp() * (p - q)).sum().clamp_min(0.0))
 
 

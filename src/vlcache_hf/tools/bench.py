@@ -94,7 +94,8 @@ class ModeResult:
     bound_parts_ms: dict[str, float] = field(default_factory=dict)
     split_ms: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
-    peak_mib: float | None = None  # largest peak memory growth of the timed runs (`memory.peak_memory`)
+    peak_mib: float | None = None  # peak memory growth of one untimed run (`memory.peak_memory`)
+    copy_ms: float | None = None  # HF prefix caching: median per-request copy of its cache (part of its TTFT)
     loaded_mib: float | None = None  # bytes of the stored entries the request read
 
 
@@ -166,6 +167,7 @@ class HFPrefixServer:
                 ids = scenario.target["input_ids"][:, : self.prefix]
                 model(input_ids=ids, use_cache=True, **with_cache(model, cache))
         self.cache = cache
+        self.copy_seconds: list[float] = []
         self.rope_deltas = getattr(model.model, "rope_deltas", None)
         adapter = get_adapter(model)
         image_id = adapter.image_token_id
@@ -187,34 +189,54 @@ class HFPrefixServer:
             self.inputs["image_grid_thw"] = grid[keep]
 
     def time(self) -> float:
+        """TTFT of one request, the per-request copy of the prefix cache included: a server must copy it (else
+        the request's own tokens are appended to the shared prefix), just as VLCache's TTFT includes copying
+        stored K/V out of the store. The copy's seconds are kept in `copy_seconds`."""
+        start = time.perf_counter()
         cache = copy.deepcopy(self.cache)
+        self.copy_seconds.append(time.perf_counter() - start)
         self.model.model.rope_deltas = self.rope_deltas  # generate reads the stale model-level deltas otherwise
-        return time_first_token(self.model, self.inputs, cache)
+        return self.copy_seconds[-1] + time_first_token(self.model, self.inputs, cache)
+
+
+@dataclass
+class ModeRun:
+    """What `run_mode` measured for one mode on one scenario."""
+
+    times: list[float]  # TTFT of each timed run, seconds
+    report: Any  # the last run's `PrefillReport` (None for plain and HF-prefix modes)
+    peak_bytes: int | None  # peak memory growth of one more, untimed run (None: not measured)
+    copy_seconds: list[float]  # HF prefix caching only: the per-request copy of its cache, timed runs
 
 
 def run_mode(
-    model, scenario: Scenario, mode: Mode, repeats: int, seeded: CacheStore | None
-) -> tuple[list[float], Any, int | None]:
-    """TTFTs of `repeats` runs (after one dropped warm-up), the last run's report, and the largest peak memory
-    growth of those runs in bytes (None where it cannot be measured)."""
-    times, report, peaks = [], None, []
+    model, scenario: Scenario, mode: Mode, repeats: int, seeded: CacheStore | None, measure_memory: bool = True
+) -> ModeRun:
+    """`repeats` timed runs after one dropped warm-up, then (with `measure_memory`) one more run, not timed, under
+    `peak_memory` (on the CPU it runs under the profiler, which would distort a timing)."""
+    times, report = [], None
     server = HFPrefixServer(model, scenario) if mode.kind == "hf_prefix" else None
-    for _ in range(repeats + 1):  # the first run warms up allocators and is dropped
+
+    def one_request() -> float:
+        nonlocal report
         cache = None
         if mode.kind not in ("plain", "hf_prefix"):
             store = CacheStore([MemoryTier(64 * 1024**3)]) if seeded is None else _clone_store(seeded)
             cache = VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio)
-        with peak_memory(model.device) as peak:
-            if server is not None:
-                seconds = server.time()
-            else:
-                seconds = time_first_token(model, scenario.target, cache)
+        seconds = server.time() if server is not None else time_first_token(model, scenario.target, cache)
         if cache is not None:
             report = cache.report
-        times.append(seconds)
-        peaks.append(peak.bytes)
-    measured = [p for p in peaks[1:] if p is not None]
-    return times[1:], report, max(measured) if measured else None
+        return seconds
+
+    for _ in range(repeats + 1):  # the first run warms up allocators and is dropped
+        times.append(one_request())
+    copies = server.copy_seconds[1:] if server is not None else []
+    peak = None
+    if measure_memory:
+        with peak_memory(model.device) as measured:
+            one_request()
+        peak = measured.bytes
+    return ModeRun(times[1:], report, peak, copies)
 
 
 def _images(scenario: Scenario) -> int:
@@ -280,10 +302,11 @@ def bench_scenarios(model, processor, size: BenchSize, kinds: set[str], mode_nam
         full_median = None
         costs = _bound_inputs(model, scenario, size.repeats)
         for mode in wanted:
-            times, report, peak = run_mode(model, scenario, mode, size.repeats, seeded)
-            stats = summarize(times)
+            run = run_mode(model, scenario, mode, size.repeats, seeded)
+            report, stats = run.report, summarize(run.times)
             result = ModeResult(scenario.name, mode.name, stats, prompt_tokens=int(scenario.target["input_ids"].shape[1]))
-            result.peak_mib = None if peak is None else peak / 2**20
+            result.peak_mib = None if run.peak_bytes is None else run.peak_bytes / 2**20
+            result.copy_ms = summarize(run.copy_seconds)["median"] * 1e3 if run.copy_seconds else None
             if mode.kind == "plain":
                 full_median = stats["median"]
                 costs = replace(costs, full_prefill_s=max(1e-9, full_median - costs.encoder_s_per_image * _images(scenario)))
@@ -316,7 +339,8 @@ def _sweep_point(model, processor, size: BenchSize, modes: list[Mode], axis: str
     seeded = _seeded_store(model, scenario)
     rows = []
     for mode in modes:
-        times, report, _ = run_mode(model, scenario, mode, size.repeats, seeded)
+        run = run_mode(model, scenario, mode, size.repeats, seeded, measure_memory=False)
+        times, report = run.times, run.report
         row = {
             "axis": axis,
             "value": value,
@@ -382,7 +406,9 @@ def against_hf_prefix(results: list[ModeResult]) -> list[str]:
     for scenario in dict.fromkeys(r.scenario for r in results):
         hf, naive = medians.get((scenario, "hf-prefix")), medians.get((scenario, "naive"))
         if hf and naive:
-            lines.append(f"- {scenario}: HF prefix cache {hf * 1e3:.1f} ms / naive reuse {naive * 1e3:.1f} ms = {hf / naive:.2f}×")
+            copy_ms = next((r.copy_ms for r in results if (r.scenario, r.mode) == (scenario, "hf-prefix")), None)
+            copied = f" (its per-request cache copy: {copy_ms:.1f} ms)" if copy_ms is not None else ""
+            lines.append(f"- {scenario}: HF prefix cache {hf * 1e3:.1f} ms{copied} / naive reuse {naive * 1e3:.1f} ms = {hf / naive:.2f}×")
     return ["", "Against Hugging Face prefix caching (same run):", "", *lines] if lines else []
 
 
