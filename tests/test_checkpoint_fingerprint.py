@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlcache_hf import CacheStore, VLCache, VLCacheError
+from vlcache_hf import CacheStore, UnsupportedModelError, VLCache, VLCacheError
 from vlcache_hf.compat import with_cache
 from vlcache_hf.fingerprint import bind_checkpoint, checkpoint_fingerprint, fingerprint
 from vlcache_hf.models.serving import serving_format
@@ -101,6 +101,36 @@ def test_image_uuids_are_the_keys_generate_writes_under():
     for uuid in uuids:
         assert store.contains(entry_key(ENCODER_KIND, shared, uuid))
     assert image_uuids(processor, images, torch.bfloat16) != uuids  # the pixels as a bf16 tower reads them
+
+
+def test_llava_image_uuids_are_the_keys_generate_writes_under():
+    """LLaVA-1.5: one fixed-size view per image, keyed with its (height, width) and no encoder options (generate
+    is called without any: vLLM applies the config's, as generate does then)."""
+    from vlcache_hf.integrations.vllm import image_uuids
+
+    model, processor = toy.build_model("llava"), toy.build_processor("llava")
+    images = [toy.make_image(7), toy.make_image(8)]
+    store = CacheStore()
+    cache = VLCache(model, store=store)
+    model.generate(**toy.chat_inputs(processor, [toy.message("user", *images, "?")]), **with_cache(model, cache), max_new_tokens=1)
+    uuids = image_uuids(processor, images, torch.float32)
+    assert len(set(uuids)) == 2
+    written = {key for tier in store.tiers for key in tier.keys() if key.startswith(ENCODER_KIND)}
+    assert written == {entry_key(ENCODER_KIND, fingerprint(model), uuid) for uuid in uuids}
+    assert image_uuids(processor, images[::-1], torch.float32) == uuids[::-1]  # per image, not per batch
+    fmt = serving_format(model.config)
+    assert fmt.deepstack_layers == 0
+    assert fmt.layout("image", {"pixel_values": torch.zeros(3, 56, 42)}) == (56, 42)  # vLLM's item: [C, H, W]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_tiling_families_are_refused_for_vllm(family):
+    from vlcache_hf.integrations.vllm import image_uuids
+
+    with pytest.raises(UnsupportedModelError):
+        serving_format(toy.build_model(family).config)
+    with pytest.raises(UnsupportedModelError, match="tiles images"):
+        image_uuids(toy.build_processor(family), [toy.make_image(1)], torch.float32)
 
 
 def test_serving_format_splits_vllm_deepstack_concatenation():

@@ -232,6 +232,12 @@ def test_fill_prefix_copies_text_rows_and_image_parts():
             base = 1000 * layer + 100 * side
             assert got[layer, side, :6].tolist() == [base + 500, base + 501, base + 701, base + 702, base + 703, base + 502]
             assert got[layer, side, 6:].eq(-1).all()
+    # two chunks with a gap between them (rows 0..1 and 4..5, with 2..3 left for the selective prefill), the
+    # second given first: each lands on its own rows and the gap is left as it was
+    gapped = torch.full((2, 2, 1, 1, 7, 2), -1.0)
+    later = KVEntry(_kv(2, 2, 900), torch.zeros(1, 2))
+    fill_prefix(_as_layers(gapped), [PrefixChunk(torch.tensor([4, 5]), later, ()), PrefixChunk(torch.tensor([0, 1]), text, ())])
+    assert gapped[1, 1, 0, 0, :, 0].tolist() == [1600, 1601, -1, -1, 2000, 2001, -1]
     empty = torch.full((2, 2, 1, 1, 4, 2), -1.0)
     fill_prefix(_as_layers(empty), [PrefixChunk(torch.tensor([], dtype=torch.long), text, ((0, 2, image, 4),))])
     assert empty[0, 0, 0, 0, :, 0].tolist() == [704, 705, -1, -1]

@@ -145,9 +145,30 @@ def saved_toy_checkpoint(family: str, directory: Path):
     assert model.config.model_type == family
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
+    if family == "llava":
+        model = _as_published_llava(directory)
     fp = bind_checkpoint(model, directory)
     assert fp == checkpoint_fingerprint(directory, torch.float32)
     return model, AutoProcessor.from_pretrained(directory), fp, size
+
+
+def _as_published_llava(directory: Path):
+    """Name the saved CLIP tower's weights as published LLaVA checkpoints do (`vision_tower.vision_model.*`,
+    which vLLM 0.32 requires; transformers 5.2x saves them without `vision_model`), and load the model back from
+    the files, as a user's process loads a published checkpoint."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {
+        name.replace("vision_tower.", "vision_tower.vision_model.", 1)
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model.") else name: tensor
+        for name, tensor in tensors.items()
+    }
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, path, metadata={"format": "pt"})
+    return AutoModelForImageTextToText.from_pretrained(directory)
 
 
 def restart_reuses_every_entry(checkpoint: Path, store_dir: Path, logs: Path) -> set[str]:
@@ -211,12 +232,13 @@ def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tm
             assert torch.allclose(a, b, atol=1e-4), "vLLM's DeepStack features were split into the wrong layers"
 
 
-def test_qwen2_vl_in_the_engine_shares_entries_with_generate_both_ways(tmp_path):
-    """Qwen2-VL in the real engine (a random-weight toy checkpoint saved here; head_dim 32 for vLLM's CPU
-    attention). Engine 1 sends our content keys as uuids and publishes every picture; engine 2 (a restart) loads
-    them all, encodes nothing and answers as engine 1. Then `generate` on that store finds every picture (encoder
-    hits, no miss) and answers as plain `generate`; and each entry vLLM wrote holds, under the very key
-    `generate` uses, what `generate`'s own encoder computes for that picture."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_family_in_the_engine_shares_entries_with_generate_both_ways(tmp_path, family):
+    """Qwen2-VL and LLaVA-1.5 in the real engine (a random-weight toy checkpoint saved here; head_dim 32 for
+    vLLM's CPU attention). Engine 1 sends our content keys as uuids and publishes every picture; engine 2 (a
+    restart) loads them all, encodes nothing and answers as engine 1. Then `generate` on that store finds every
+    picture (encoder hits, no miss) and answers as plain `generate`; and each entry vLLM wrote holds, under the
+    very key `generate` uses, what `generate`'s own encoder computes for that picture."""
     import torch
 
     from vlcache_hf import CacheStore, VLCache
@@ -224,8 +246,8 @@ def test_qwen2_vl_in_the_engine_shares_entries_with_generate_both_ways(tmp_path)
     from vlcache_hf.store.entry import EncoderEntry
     from vlcache_hf.tools import synthetic, toy
 
-    checkpoint, store_dir = tmp_path / "qwen2-vl", tmp_path / "store"
-    model, processor, fp, size = saved_toy_checkpoint("qwen2_vl", checkpoint)
+    checkpoint, store_dir = tmp_path / family, tmp_path / "store"
+    model, processor, fp, size = saved_toy_checkpoint(family, checkpoint)
     restart_reuses_every_entry(checkpoint, store_dir, tmp_path)
 
     items = synthetic.make_split("test", 2)

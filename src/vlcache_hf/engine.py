@@ -187,27 +187,26 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
     _sync(device)
     timings.rerotation_s = time.perf_counter() - tick
 
-    # 3. the selective prefill
+    # 3. the selective prefill (nothing to run when every row before the fresh tail was loaded exactly)
     tick = time.perf_counter()
-    with torch.no_grad():
-        embeds = _embeddings(cache, input_ids, spans, features)
-        cos, sin = adapter.rotary_cos_sin(embeds, positions)
-        ctx = SelectionContext(
-            computed_until,
-            layout.num_layers,
-            plan.fresh_mask[:computed_until],
-            plan.moved_spans,
-            reused_keys=lambda i: cache.layers[i].keys,
-        )
-        injections = adapter.layer_injections(spans, features, embeds[:, :computed_until])
-        mask = kwargs.get("attention_mask")
-        key_padding = None if mask is None or bool(mask.all()) else mask[0, :computed_until].bool()
-        rows = slice(0, computed_until)
-        counts = (
-            run_layers(adapter, cache, embeds[:, rows], cos[:, rows], sin[:, rows], policy, ctx, key_padding, injections)
-            if computed_until > 0
-            else [0] * layout.num_layers
-        )
+    rows = slice(0, computed_until)
+    embeds: torch.Tensor | None = None
+    counts = [0] * layout.num_layers
+    if computed_until > 0 and (plan.moved_spans or bool(plan.fresh_mask[rows].any())):
+        with torch.no_grad():
+            embeds = _embeddings(cache, input_ids, spans, features)
+            cos, sin = adapter.rotary_cos_sin(embeds, positions)
+            ctx = SelectionContext(
+                computed_until,
+                layout.num_layers,
+                plan.fresh_mask[rows],
+                plan.moved_spans,
+                reused_keys=lambda i: cache.layers[i].keys,
+            )
+            injections = adapter.layer_injections(spans, features, embeds[:, rows])
+            mask = kwargs.get("attention_mask")
+            key_padding = None if mask is None or bool(mask.all()) else mask[0, rows].bool()
+            counts = run_layers(adapter, cache, embeds[:, rows], cos[:, rows], sin[:, rows], policy, ctx, key_padding, injections)
     _sync(device)
     timings.prefill_s = time.perf_counter() - tick
 
@@ -255,7 +254,11 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
         moved_tokens=moved_tokens,
     )
     cache.mark_prefilled()
-    return _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans, by_the_model)
+    def embeddings() -> torch.Tensor:
+        with torch.no_grad():
+            return embeds if embeds is not None else _embeddings(cache, input_ids, spans, features)
+
+    return _last_token_kwargs(cache, kwargs, input_ids, positions, embeddings, spans, by_the_model)
 
 
 def _fresh_tail_start(plan, spans: list[ImageSpan]) -> int:
@@ -308,8 +311,9 @@ def plain_prefill(cache, args: tuple, kwargs: dict[str, Any], reason: str) -> No
     cache.mark_prefilled()
 
 
-def _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans, keep: int = 1) -> dict[str, Any]:
-    """kwargs for the model's own forward over the last `keep` prompt tokens, on top of the filled cache."""
+def _last_token_kwargs(cache, kwargs, input_ids, positions, embeddings, spans, keep: int = 1) -> dict[str, Any]:
+    """kwargs for the model's own forward over the last `keep` prompt tokens, on top of the filled cache.
+    `embeddings()` gives the prompt's input embeddings (images included), needed when images are among them."""
     consumed = set(_PREFILL_ONLY_INPUTS) | cache.adapter.prefill_only_inputs()
     new = {k: v for k, v in kwargs.items() if k not in consumed}
     new["input_ids"] = input_ids[:, -keep:]
@@ -320,5 +324,5 @@ def _last_token_kwargs(cache, kwargs, input_ids, positions, embeds, spans, keep:
     first = input_ids.shape[1] - keep
     if any(s.start < input_ids.shape[1] and s.end > first for s in spans):  # image tokens among them: pass embeddings
         new["input_ids"] = None
-        new["inputs_embeds"] = embeds[:, first:]
+        new["inputs_embeds"] = embeddings()[:, first:]
     return new

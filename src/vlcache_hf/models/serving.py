@@ -4,7 +4,7 @@ vLLM keeps one tensor per multimodal item in its encoder cache, and one processe
 (`MultiModalFeatureSpec.data`). For an entry to mean the same thing in a Hugging Face process and in vLLM,
 three things must agree, and each is a family quirk, so it lives here:
 
-- the item's **layout** (Qwen's (t, h, w) grid), read from vLLM's processed item;
+- the item's **layout** (Qwen's (t, h, w) grid, LLaVA-1.5's (height, width)), read from vLLM's processed item;
 - the **encoder output**: vLLM's Qwen3-VL concatenates the DeepStack features after the main embeddings on
   the last dimension (`Qwen3_VisionTransformer.forward`: `torch.cat([hidden_states] + deepstack, dim=1)`, in
   the order of `deepstack_visual_indexes`); our entry keeps them as separate tensors, as `get_image_features`
@@ -12,8 +12,11 @@ three things must agree, and each is a family quirk, so it lives here:
 - the **item key** a client sends as vLLM's `multi_modal_uuids`: the same content key `encoder.item_keys`
   computes in `generate` (preprocessed pixels in the vision tower's dtype, layout, modality).
 
-Supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL. The LLaVA family is not mapped yet (its key also covers
-generate-time encoder options such as `vision_feature_layer`, which vLLM applies from the config).
+Supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-1.5. LLaVA-1.5's key also covers generate-time encoder
+options (`vision_feature_layer`, `vision_feature_select_strategy`); vLLM applies the config's, which is what
+`generate` uses when it is given none, so the keys agree for a `generate` called without them (one called with
+other options keys, and misses, apart). LLaVA-NeXT and LLaVA-OneVision tile an image into views whose number
+depends on its size; they are not mapped yet.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from ..errors import UnsupportedModelError, VLCacheError
 from ..store.keys import item_key
 
 #: model types (config.model_type) whose vLLM items map onto our encoder entries
-SERVING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SERVING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+#: families whose items are one fixed-size view each, laid out by its (height, width)
+_FIXED_VIEW_MODEL_TYPES = ("llava",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,10 @@ class ServingFormat:
         """The item's layout from vLLM's processed item (None when vLLM did not keep the item's data)."""
         if item is None:
             return None
+        if self.model_type in _FIXED_VIEW_MODEL_TYPES:  # the view's pixels [channels, height, width]
+            field = item.get("pixel_values")
+            data = getattr(field, "data", field)
+            return None if data is None else tuple(int(x) for x in torch.as_tensor(data).shape[-2:])
         field = item.get(f"{modality}_grid_thw")
         data = getattr(field, "data", field)
         if data is None:
@@ -82,11 +91,20 @@ def serving_format(config: Any) -> ServingFormat:
 
 def processed_item_keys(processor: Any, images: Sequence[Any], dtype: torch.dtype, modality: str = "image") -> list[str]:
     """The content key of each image as `generate` keys it (`encoder.item_keys`), from the Hugging Face
-    processor alone: the image processor's pixel rows of each image, cast to the vision tower's `dtype`, with
-    their grid. Qwen's image processor handles each image on its own, so keys do not depend on the batch."""
+    processor alone: the image processor's pixels of each image, cast to the vision tower's `dtype`, with their
+    layout — Qwen's pixel rows and grid, LLaVA-1.5's one view [1, channels, height, width] and its (height,
+    width). Both image processors handle each image on its own, so keys do not depend on the batch."""
     if modality != "image":
         raise VLCacheError("only image keys can be computed without the model so far")
     out = processor.image_processor(images=list(images), return_tensors="pt")
-    grid = out["image_grid_thw"]
-    rows = torch.split(out["pixel_values"], grid.prod(-1).tolist())
-    return [item_key(r, g, modality, dtype) for r, g in zip(rows, grid.tolist(), strict=True)]
+    pixels = out["pixel_values"]
+    if "image_grid_thw" in out:
+        grid = out["image_grid_thw"]
+        rows = torch.split(pixels, grid.prod(-1).tolist())
+        return [item_key(r, g, modality, dtype) for r, g in zip(rows, grid.tolist(), strict=True)]
+    if "image_sizes" not in out and pixels.ndim == 4:  # one fixed-size view per image (LLaVA-1.5)
+        return [item_key(view, tuple(view.shape[-2:]), modality, dtype) for view in pixels.split(1)]
+    raise UnsupportedModelError(
+        f"{type(processor.image_processor).__name__} tiles images into views (LLaVA-NeXT, LLaVA-OneVision): "
+        f"keys for vLLM are computed for {', '.join(SERVING_MODEL_TYPES)} only"
+    )
