@@ -68,10 +68,3 @@ def assert_full_policy_reuses_encoder_exactly(model, store, inputs, counter: Enc
     assert (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
     return cache
 
-
-def tokens_after_last_image(inputs, image_token_id: int) -> int:
-    """How many prompt tokens follow the last image token: the fresh tail a request that reuses K/V leaves to
-    the model's own forward (counted from the input ids, not by the code under test)."""
-    ids = inputs["input_ids"][0]
-    image_rows = (ids == image_token_id).nonzero().flatten()
-    return int(ids.shape[0] - (int(image_rows[-1]) + 1 if image_rows.numel() else 0))

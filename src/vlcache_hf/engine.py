@@ -2,10 +2,10 @@
 
 `prefill_request` is what the forward pre-hook runs on `generate`'s prefill call. It fills the `VLCache`
 with the prompt up to its *fresh tail* and returns the kwargs with which the model's own forward computes that
-tail (and so the first logits) on top of the cache. In a request that reuses stored K/V, the fresh tail is the
-text after the last row the store or an image holds — a chat turn's new question — which no policy could
-reuse, so one forward computes it in the same pass over the weights as the last token (a separate selective
-prefill of it would cost a second pass). Otherwise it is the last token alone. What the request computed is published once that forward succeeded (`publish_computed`, run by the
+tail (and so the first logits) on top of the cache. When every row before it was loaded exactly (a chat turn, an
+exact repeat), the fresh tail is the text after the last stored row — a chat turn's new question — so one
+forward computes it in the same pass over the weights as the last token (a selective prefill of it would cost a
+second pass). Otherwise it is the last token alone. What the request computed is published once that forward succeeded (`publish_computed`, run by the
 forward hook).
 """
 
@@ -168,10 +168,15 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
     span_hits = {start: hit.exact for start, hit in hits.items()}
     plan = plan_prefill(num_tokens, spans, prefix_tokens, device=device, span_hits=span_hits)
     # rows [0, computed_until) are loaded or selectively computed here; the rest, fresh text, by the model's forward.
-    # A request that reuses nothing keeps its whole prompt here: computed from row 0 in one call, as the model's own
-    # prefill computes it, its K/V (and every later exact repeat of it) stays bit-exact in half precision.
-    reuses = plan.reused_count > 0
-    computed_until = _fresh_tail_start(plan, spans) if fresh_tail and reuses else num_tokens
+    # The tail goes to the model's forward only when every row before it was loaded exactly (a chat turn, an exact
+    # repeat): then this request runs one pass over the weights instead of two. When the selective prefill runs
+    # anyway (moved images, fresh rows before the tail) the tail rides along in it, whose attention is cheaper
+    # than the model's own over a long cache (no per-group K/V copies), and the model's forward takes the last
+    # token only. A request that reuses nothing is computed from row 0 in one call, as the model's own prefill
+    # computes it, so its K/V (and every later exact repeat of it) stays bit-exact in half precision.
+    tail_start = _fresh_tail_start(plan, spans)
+    only_the_tail = plan.prefix_tokens == tail_start and not plan.moved_spans and plan.reused_count > 0
+    computed_until = tail_start if fresh_tail and only_the_tail else num_tokens
     buffers = allocate_buffers(layout, num_tokens, device)
     fill_prefix(buffers, prefix_chunks)
     _sync(device)

@@ -2,8 +2,9 @@
 
 They only translate. When the model is called with a `VLCache` that has not been prefilled yet and more
 than one prompt token, the pre-hook runs `engine.prefill_request` and hands the model's forward the prompt's
-fresh tail — the text after the last stored or image row, the final token at least (the final n when the caller
-keeps n logits: assisted decoding; only the final token when the caller keeps every logit). A prefill that must
+fresh tail — the new text after the rows the store held exactly when nothing else needs computing (a chat
+turn), else the final token (the final n when the caller keeps n logits: assisted decoding; only the final
+token when the caller keeps every logit). A prefill that must
 return something of every position (hidden states, attentions, a loss) runs as the model's own forward
 instead (`engine.plain_prefill`). Once that forward has returned, the post-hook publishes what the request
 computed (`engine.publish_computed`). Every other call passes through untouched.
