@@ -238,6 +238,11 @@ def test_fill_prefix_copies_text_rows_and_image_parts():
     later = KVEntry(_kv(2, 2, 900), torch.zeros(1, 2))
     fill_prefix(_as_layers(gapped), [PrefixChunk(torch.tensor([4, 5]), later, ()), PrefixChunk(torch.tensor([0, 1]), text, ())])
     assert gapped[1, 1, 0, 0, :, 0].tolist() == [1600, 1601, -1, -1, 2000, 2001, -1]
+    # runs are grouped by their row count, not by any other size: a one-row run at 0 and a run at 2 (head_dim 2)
+    # do not abut, so row 1 stays as it was
+    apart = torch.full((2, 2, 1, 1, 5, 2), -1.0)
+    fill_prefix(_as_layers(apart), [PrefixChunk(torch.tensor([0]), later, ()), PrefixChunk(torch.tensor([2, 3]), text, ())])
+    assert apart[0, 0, 0, 0, :, 0].tolist() == [900, -1, 500, 501, -1]
     empty = torch.full((2, 2, 1, 1, 4, 2), -1.0)
     fill_prefix(_as_layers(empty), [PrefixChunk(torch.tensor([], dtype=torch.long), text, ((0, 2, image, 4),))])
     assert empty[0, 0, 0, 0, :, 0].tolist() == [704, 705, -1, -1]
@@ -372,3 +377,64 @@ def test_left_padding_is_masked_in_the_selective_prefill(models, images):
     ours = greedy(model, padded, cache)
     assert cache.report.kv_hits == 1 and cache.report.reused_tokens == 0
     assert torch.equal(plain.sequences, ours.sequences) and (plain.scores[0] - ours.scores[0]).abs().max() < 1e-4
+
+
+class _Config:
+    def __init__(self, implementation: str):
+        self._attn_implementation = implementation
+
+
+def test_own_implementation_is_what_the_switch_replaced_and_only_while_it_lasts():
+    from vlcache_hf.attention import own_implementation
+
+    config = _Config("eager")
+    assert own_implementation(config) == "eager"
+    with selective_attention_enabled(config, DenseMaskSDPA()):
+        assert config._attn_implementation == SELECTIVE_ATTENTION
+        assert own_implementation(config) == "eager"
+        assert own_implementation(_Config("sdpa")) == "sdpa"  # another model's config: not switched
+    assert own_implementation(config) == "eager" and config._attn_implementation == "eager"
+
+
+def test_the_mask_for_a_switched_config_is_the_own_implementations_mask():
+    """transformers calls the mask function with keywords; a config switched from sdpa gets sdpa's bool mask,
+    one switched from eager eager's additive float mask, one with no mask function of its own None."""
+    from transformers.masking_utils import causal_mask_function, eager_mask, sdpa_mask
+
+    from vlcache_hf.attention import own_implementation_mask
+
+    args = dict(batch_size=1, q_length=2, kv_length=5, q_offset=3, kv_offset=0, mask_function=causal_mask_function,
+                attention_mask=None, allow_is_causal_skip=False, dtype=torch.float32, device="cpu")
+    expected_bool = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
+    for implementation, own in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        config = _Config(implementation)
+        with selective_attention_enabled(config, DenseMaskSDPA()):
+            got = own_implementation_mask(**args, config=config)
+        want = own(**args, config=config)
+        assert torch.equal(got, want)
+        visible = got if got.dtype == torch.bool else got == 0
+        assert torch.equal(visible[0, 0], expected_bool)  # row i sees keys 0..3+i (the cache holds 3 rows)
+    config = _Config("flash-free-test")  # an implementation with no mask function
+    with selective_attention_enabled(config, DenseMaskSDPA()):
+        assert own_implementation_mask(**args, config=config) is None
+
+
+def test_outside_a_selective_prefill_the_switched_config_runs_the_models_own_attention(models):
+    """The eager path returns attention weights and SDPA's none: the call took the model's own implementation."""
+    model, _ = models("qwen2_5_vl", "eager")
+    module = model.model.language_model.layers[0].self_attn
+    text = model.config.text_config
+    heads, kv_heads, dim = text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    query, key, value = _qkv(q_len=2, k_len=4, heads=heads, kv_heads=kv_heads, dim=dim)
+    additive = torch.zeros(1, 1, 2, 4)
+    additive[0, 0, 0, 3] = torch.finfo(torch.float32).min  # row 0 does not see key 3
+    config = module.config
+    with selective_attention_enabled(config, DenseMaskSDPA()):  # another thread's prefill switched it
+        token = _active.set(None)  # this thread runs no selective prefill
+        try:
+            out, weights = selective_attention(module, query, key, value, additive, dropout=0.0, scaling=0.25)
+        finally:
+            _active.reset(token)
+    assert weights is not None and weights.shape == (1, heads, 2, 4)  # eager's weights: its own kernel ran
+    assert float(weights[0, :, 0, 3].abs().max()) == 0.0  # the mask it was given was applied
+    assert torch.allclose(out, _reference_attention(query, key, value, additive[0, 0] == 0, 0.25), atol=1e-5)

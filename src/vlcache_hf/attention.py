@@ -168,13 +168,11 @@ def selective_attention(
 
 
 def own_implementation(config: Any) -> str:
-    """The attention implementation `config` has outside selective prefills (what they switched it from)."""
-    current = config._attn_implementation
-    if current != SELECTIVE_ATTENTION:
-        return current
+    """The attention implementation `config` has outside selective prefills (what they switched it from). Read
+    under the lock that switches it, so a prefill ending meanwhile is seen either before or after, never half."""
     with _switch_lock:
         switched = _switched.get(id(config))
-    return switched[0] if switched is not None else "sdpa"
+        return switched[0] if switched is not None else config._attn_implementation
 
 
 def _own_attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, Any]:
@@ -188,13 +186,14 @@ def _own_attention(module: torch.nn.Module, query, key, value, attention_mask, *
     return ALL_ATTENTION_FUNCTIONS[own](module, query, key, value, attention_mask, **kwargs)
 
 
-def own_implementation_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
-    """The mask function transformers calls for a config switched to selective attention: a forward outside a
-    selective prefill gets the mask of the model's own implementation (None where that one builds none)."""
-    own = own_implementation(config) if config is not None else "sdpa"
+def own_implementation_mask(**kwargs: Any) -> Any:
+    """The mask function transformers calls (with keywords only, `config` among them) for a config switched to
+    selective attention: a forward outside a selective prefill gets the mask of the model's own implementation
+    (None where that one builds none)."""
+    own = own_implementation(kwargs["config"])
     if own not in ALL_MASK_ATTENTION_FUNCTIONS:
         return None
-    return ALL_MASK_ATTENTION_FUNCTIONS[own](*args, config=config, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS[own](**kwargs)
 
 
 AttentionInterface.register(SELECTIVE_ATTENTION, selective_attention)
