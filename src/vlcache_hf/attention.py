@@ -44,10 +44,15 @@ SELECTIVE_ATTENTION = "vlcache_selective"
 _replaced: ContextVar[str | None] = ContextVar("vlcache_replaced_attention", default=None)
 
 
+def _family_eager_attention(module) -> Any:
+    """The `eager_attention_forward` of the modeling module that defines `module`'s class, or None."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
 def _eager_attention(module, query, key, value, attention_mask, dropout, scaling):
     """The model family's own eager attention over our bool mask (None: the whole prompt, causal), or None if the
     family's modeling file has no `eager_attention_forward`."""
-    forward = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    forward = _family_eager_attention(module)
     if forward is None:
         return None
     if attention_mask is None:
@@ -179,7 +184,7 @@ def _own_attention(module: torch.nn.Module, query, key, value, attention_mask, *
     """The model's own attention, as its modeling code would have called it."""
     own = own_implementation(module.config)
     if own == "eager":
-        forward = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        forward = _family_eager_attention(module)
         if forward is None:
             raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in its modeling module")
         return forward(module, query, key, value, attention_mask, **kwargs)

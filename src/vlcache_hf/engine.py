@@ -174,9 +174,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
     # than the model's own over a long cache (no per-group K/V copies), and the model's forward takes the last
     # token only. A request that reuses nothing is computed from row 0 in one call, as the model's own prefill
     # computes it, so its K/V (and every later exact repeat of it) stays bit-exact in half precision.
-    tail_start = _fresh_tail_start(plan, spans)
-    only_the_tail = plan.prefix_tokens == tail_start and not plan.moved_spans and plan.reused_count > 0
-    computed_until = tail_start if fresh_tail and only_the_tail else num_tokens
+    computed_until = plan.prefix_tokens if fresh_tail and _only_text_after_prefix(plan, spans) else num_tokens
     buffers = allocate_buffers(layout, num_tokens, device)
     fill_prefix(buffers, prefix_chunks)
     _sync(device)
@@ -266,11 +264,10 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
     return _last_token_kwargs(cache, kwargs, input_ids, positions, embeddings, spans, by_the_model)
 
 
-def _fresh_tail_start(plan, spans: list[ImageSpan]) -> int:
-    """The first row of the prompt's fresh tail: past the exact prefix and past every image span (in the store's
-    view, rows [0, plan.num_tokens)). Every row from there on is a text token with no stored K/V."""
-    last_image_end = max((min(s.end, plan.num_tokens) for s in spans if s.start < plan.num_tokens), default=0)
-    return max(plan.prefix_tokens, last_image_end)
+def _only_text_after_prefix(plan, spans: list[ImageSpan]) -> bool:
+    """True when the exact prefix is not empty and every image (in the store's view, rows [0, plan.num_tokens))
+    ends inside it: every row past it is then fresh text, nothing reused or to be encoded."""
+    return plan.prefix_tokens > 0 and all(s.end <= plan.prefix_tokens for s in spans if s.start < plan.num_tokens)
 
 
 def publish_computed(cache) -> None:
