@@ -10,7 +10,12 @@ Steps, each written to the report as it finishes (a later failure keeps the earl
    (greedy tokens; largest logit difference), and a moved request with policy "vlcache" at 5 % (runs,
    reports moved tokens);
 3. load bandwidth host → device from pageable and from pinned memory (what a CPU-tier hit costs);
-4. TTFT benchmark (`vlcache_hf.tools.bench`) on a Qwen2.5-VL with a 7B-shaped text model (28 layers,
+4. store tiers: an exact repeat served from each tier alone (GPU memory, CPU memory — loaded through pinned
+   memory — and disk), equal to plain `generate`, with the tier's load time;
+5. device map: the model saved and reloaded by accelerate with its decoder layers split between the GPU and
+   the CPU (`device_map` by hand, and `device_map="auto"` under a `max_memory` that forces CPU offload; a dry
+   run splits CPU and disk), policy "full" and an exact repeat equal to the offloaded model's plain `generate`;
+6. TTFT benchmark (`vlcache_hf.tools.bench`) on a Qwen2.5-VL with a 7B-shaped text model (28 layers,
    hidden 3584, 28 heads / 4 KV heads) and random weights in bfloat16, 4 images × 1,024 tokens, every mode
    side by side, with peak GPU memory per scenario and decode ms/token after a full and after a VLCache
    prefill.
@@ -36,22 +41,9 @@ import torch
 from vlcache_hf import CacheStore, VLCache
 from vlcache_hf.compat import with_cache
 from vlcache_hf.tools import toy
-from vlcache_hf.tools.bench import BenchSize, bench_scenarios, markdown
+from vlcache_hf.tools.bench import SIZES, BenchSize, bench_scenarios, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the text model of Qwen2.5-VL-7B (vision tower kept small: the benchmark is about the decoder's prefill)
-SEVEN_B = toy.ToySize(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_layers=28,
-    num_heads=28,
-    num_kv_heads=4,
-    vision_depth=4,
-    vision_hidden=1280,
-    vision_heads=16,
-    mrope_section=(16, 24, 24),
-)
-SEVEN_B_IMAGE_PX = 896  # 64 × 64 patches of 14 px → 32 × 32 = 1,024 merged tokens
 
 
 def environment(device: str) -> dict[str, str]:
@@ -147,8 +139,79 @@ def load_bandwidth(device: str, megabytes: int) -> dict[str, float]:
     return result
 
 
+def _tokens_equal_row(model, inputs, store, **extra) -> dict:
+    """Policy "full" (publishes), then an exact repeat with policy "none", each against plain `generate`."""
+    plain = _generate(model, inputs)
+    full_same, full_diff = _compare(plain, _generate(model, inputs, VLCache(model, store=store, policy="full")))
+    store.flush()
+    repeat = VLCache(model, store=store)
+    repeat_same, repeat_diff = _compare(plain, _generate(model, inputs, repeat))
+    report = repeat.report
+    return {
+        **extra, "full_tokens_equal": full_same, "full_max_logit_diff": full_diff,
+        "repeat_tokens_equal": repeat_same, "repeat_max_logit_diff": repeat_diff,
+        "repeat_encoder_hits": report.encoder_hits, "repeat_reused_tokens": report.reused_tokens,
+        "repeat_store_load_ms": report.timings.store_load_s * 1e3,
+    }
+
+
+def store_tiers(device: str) -> list[dict]:
+    """An exact repeat served from each tier alone; a dry run replaces the GPU tier by CPU memory."""
+    with torch.device(device):
+        model = toy.build_model()
+    processor = toy.build_processor()
+    images = [toy.make_image(seed) for seed in range(2)]
+    inputs = toy.chat_inputs(processor, [toy.message("user", images[0], images[1], "What is shown?")]).to(device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vlcache-gpu-check-disk-") as disk:
+        tiers = {"gpu": {"gpu": "1GiB"} if device == "cuda" else {"cpu": "1GiB"}, "cpu": {"cpu": "1GiB"}, "disk": {"disk": disk}}
+        for name, settings in tiers.items():
+            with CacheStore(**settings) as store:
+                try:
+                    row = _tokens_equal_row(model, inputs, store, tier=name)
+                    row["entry_devices"] = sorted({str(t.device) for tier in store.tiers for k in tier.keys() for t in tier.get(k).tensors.values()})
+                except Exception as err:
+                    row = {"tier": name, "error": "".join(traceback.format_exception_only(err)).strip()}
+            rows.append(row)
+            print(f"  tier {json.dumps(row)}", flush=True)
+    return rows
+
+
+def device_maps(device: str) -> list[dict]:
+    """The toy model saved, then reloaded by accelerate with its decoder layers split across devices."""
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = toy.build_model(), toy.build_processor()
+    images = [toy.make_image(seed) for seed in range(2)]
+    layers = model.config.text_config.num_hidden_layers
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vlcache-gpu-check-map-") as directory:
+        model.save_pretrained(directory)
+        near, far = (0, "cpu") if device == "cuda" else ("cpu", "disk")
+        by_hand = {name: near for name in ("model.visual", "model.language_model.embed_tokens", "model.language_model.norm", "model.language_model.rotary_emb", "lm_head")}
+        by_hand.update({f"model.language_model.layers.{layer}": far if layer % 2 else near for layer in range(layers)})
+        maps: dict[str, dict] = {"by hand": {"device_map": by_hand}}
+        if device == "cuda":
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            maps["auto"] = {"device_map": "auto", "max_memory": {0: int(weights * 0.6), "cpu": 8 * 2**30}}
+        for name, settings in maps.items():
+            try:
+                loaded = AutoModelForImageTextToText.from_pretrained(
+                    directory, offload_folder=str(Path(directory) / "offload"), attn_implementation="sdpa", **settings
+                ).eval()
+                placed = sorted({str(getattr(loaded, "hf_device_map", {}).get(k)) for k in getattr(loaded, "hf_device_map", {})})
+                inputs = toy.chat_inputs(processor, [toy.message("user", images[0], images[1], "What is shown?")]).to(loaded.device)
+                row = _tokens_equal_row(loaded, inputs, CacheStore(), device_map=name, placed_on=placed)
+                del loaded
+            except Exception as err:
+                row = {"device_map": name, "error": "".join(traceback.format_exception_only(err)).strip()}
+            rows.append(row)
+            print(f"  device map {json.dumps(row)}", flush=True)
+    return rows
+
+
 def decode_ms_per_token(model, inputs, cache_factory, tokens: int) -> float:
-    """ms per generated token after the prefill: (time for 1 + tokens) − (time for 1), over `tokens`."""
+    """ms per generated token after the prefill: (time for 1 + tokens) − (time for 1), over `tokens` (median of 3)."""
 
     def timed(count: int) -> float:
         if torch.cuda.is_available():
@@ -160,11 +223,13 @@ def decode_ms_per_token(model, inputs, cache_factory, tokens: int) -> float:
         return time.perf_counter() - start
 
     timed(1)  # warm-up
-    return (timed(1 + tokens) - timed(1)) / tokens * 1e3
+    # median of 3 pairs: one pair's difference carries the noise of two full prefills
+    differences = sorted(timed(1 + tokens) - timed(1) for _ in range(3))
+    return differences[1] / tokens * 1e3
 
 
 def benchmark(device: str, dry_run: bool) -> dict:
-    size = BenchSize(toy.TINY, 112, 2, 1) if dry_run else BenchSize(SEVEN_B, SEVEN_B_IMAGE_PX, 4, 3)
+    size = BenchSize(toy.TINY, 112, 2, 1) if dry_run else SIZES["7b"]
     dtype = torch.float32 if dry_run else torch.bfloat16
     with torch.device(device):
         model = toy.build_model(size=size.model, dtype=dtype)
@@ -206,12 +271,28 @@ def write_report(out: Path, stem: str, report: dict) -> None:
                 f"| {row['repeat_tokens_equal']} | {row['repeat_max_logit_diff']:.2e} | {row['repeat_reused_tokens']} | {row['moved_tokens']} |"
             )
         lines.append("")
+    for section, title, label in (("tiers", "Exact repeat from each store tier", "tier"), ("device_maps", "accelerate device maps", "device_map")):
+        if report.get(section):
+            lines += [f"## {title}", "", "| " + label + " | full: tokens equal | full: max Δlogit | repeat: tokens equal | repeat: max Δlogit | repeat encoder hits | repeat reused | store load ms | placed |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for row in report[section]:
+                if "error" in row:
+                    lines.append(f"| {row[label]} | error: {row['error']} | | | | | | | |")
+                    continue
+                lines.append(
+                    f"| {row[label]} | {row['full_tokens_equal']} | {row['full_max_logit_diff']:.2e} | {row['repeat_tokens_equal']} | {row['repeat_max_logit_diff']:.2e} "
+                    f"| {row['repeat_encoder_hits']} | {row['repeat_reused_tokens']} | {row['repeat_store_load_ms']:.2f} | {', '.join(row.get('entry_devices') or row.get('placed_on') or [])} |"
+                )
+            lines.append("")
     if report.get("bandwidth"):
         lines += ["## Host → device load bandwidth", "", " ".join(f"{k}: {v:.2f}" for k, v in report["bandwidth"].items()), ""]
     bench = report.get("benchmark")
     if bench:
-        lines += ["## TTFT benchmark", "", f"Size: {bench['size']}, {bench['dtype']}; peak GPU memory {bench['peak_gpu_GiB']} GiB; "
-                  f"decode ms/token {bench['decode_ms_per_token']}", "", bench["table"], ""]
+        peak = "–" if bench["peak_gpu_GiB"] is None else f"{bench['peak_gpu_GiB']:.2f} GiB"
+        decode = bench["decode_ms_per_token"]
+        lines += ["## TTFT benchmark", "", f"Size: {bench['size']}, {bench['dtype']}; peak GPU memory {peak}; decode ms/token "
+                  f"(median of 3): {decode['after_plain_prefill']:.1f} after a plain prefill, {decode['after_vlcache_prefill']:.1f} "
+                  "after a VLCache prefill", "", bench["table"], ""]
     for name, error in report.get("errors", {}).items():
         lines += [f"## {name}: failed", "", "```", error, "```", ""]
     (out / f"{stem}.md").write_text("\n".join(lines))
@@ -232,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = "gpu_check_dry_run" if args.dry_run else "gpu_" + env["card"].lower().replace(" ", "_").replace("-", "_")
     report: dict = {"command": "python eval/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "dry_run": args.dry_run, "environment": env, "errors": {}}
-    steps = [("exactness", lambda: exactness(device)), ("bandwidth", lambda: load_bandwidth(device, 8 if args.dry_run else 1024))]
+    steps = [("exactness", lambda: exactness(device)), ("bandwidth", lambda: load_bandwidth(device, 8 if args.dry_run else 1024)),
+             ("tiers", lambda: store_tiers(device)), ("device_maps", lambda: device_maps(device))]
     if not args.skip_bench:
         steps.append(("benchmark", lambda: benchmark(device, args.dry_run)))
     for name, step in steps:
@@ -244,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             print(report["errors"][name], file=sys.stderr, flush=True)
         write_report(out, stem, report)
     print(f"gpu_check: report in {out / (stem + '.md')}")
-    failed_exactness = [r for r in report.get("exactness", []) if "error" in r or (r["dtype"] == "float32" and not (r["full_tokens_equal"] and r["repeat_tokens_equal"]))]
+    checked = report.get("exactness", []) + report.get("tiers", []) + report.get("device_maps", [])
+    failed_exactness = [r for r in checked if "error" in r or (r.get("dtype", "float32") == "float32" and not (r["full_tokens_equal"] and r["repeat_tokens_equal"]))]
     return 1 if report["errors"] or failed_exactness else 0
 
 

@@ -243,6 +243,7 @@ def test_shared_disk_mode_makes_files_group_accessible(tmp_path, qwen):
     path = tmp_path / "shared"
     store = CacheStore(disk=str(path), disk_mode=0o660)
     assert torch.equal(_answer(model, inputs, store).answer, plain)
+    assert store.flush(timeout=60)  # the disk tier writes behind: a file still in flight is a temporary, renamed away
     files = list(path.glob("*.safetensors"))
     assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o660 for f in files)
     assert stat.S_IMODE((path / ".lock").stat().st_mode) == 0o660
@@ -252,6 +253,7 @@ def test_shared_disk_mode_makes_files_group_accessible(tmp_path, qwen):
     assert stat.S_IMODE((path / ".lock").stat().st_mode) == 0o660 and path.stat().st_mode & stat.S_ISGID
     private = CacheStore(disk=str(tmp_path / "private"))
     _answer(model, inputs, private)
+    assert private.flush(timeout=60)
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in (tmp_path / "private").glob("*.safetensors"))
     with pytest.raises(VLCacheError, match="disk_mode"):
         CacheStore(disk=str(tmp_path / "x"), disk_mode=0o777 + 1)

@@ -20,7 +20,7 @@ from . import encoder
 from .errors import VLCacheError
 from .metrics import PrefillReport, PrefillTimings
 from .plan import ImageSpan, find_image_spans, plan_prefill
-from .prefill import allocate_buffers, fill_moved, fill_prefix, run_layers
+from .prefill import LayerBuffers, allocate_buffers, fill_moved, fill_prefix, run_layers
 from .reuse import (
     PrefixChunk,
     SpanHit,
@@ -217,7 +217,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
     if settings.publish and num_tokens > 0 and base_rope:
 
         def publish() -> None:
-            layer_buffers = [(layer.keys, layer.values) for layer in cache.layers]
+            layer_buffers = _published_buffers(cache, buffers)
             exact_until = plan.exact_until  # K/V after a moved (approximate) part is approximate too
             publish_prefix(store, fp, layer_buffers, positions, chunk_hashes, chunk, full_chunks, exact_until, spans)
             tail_start = len(chunk_hashes) * chunk
@@ -262,6 +262,16 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
             return embeds if embeds is not None else _embeddings(cache, input_ids, spans, features)
 
     return _last_token_kwargs(cache, kwargs, input_ids, positions, embeddings, spans, by_the_model)
+
+
+def _published_buffers(cache, buffers: LayerBuffers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cache's K/V to publish from: the prefill's buffers (with their block, for one-copy gathers) while every
+    layer still reads them, else each layer's own keys and values (a layer that grew past its capacity)."""
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    owned = len(layers) == len(buffers) and all(
+        k.data_ptr() == bk.data_ptr() and v.data_ptr() == bv.data_ptr() for (k, v), (bk, bv) in zip(layers, buffers, strict=True)
+    )
+    return buffers if owned else layers
 
 
 def _only_text_after_prefix(plan, spans: list[ImageSpan]) -> bool:

@@ -19,7 +19,7 @@ from .._version import __version__
 from ..errors import VLCacheError
 
 #: `vlcache bench --size` choices: the keys of `vlcache_hf.tools.bench.SIZES` (a test checks they agree)
-BENCH_SIZES = ("medium", "small", "smoke")
+BENCH_SIZES = ("medium", "small", "smoke", "7b")
 #: where `vlcache bench` writes unless `--out` says otherwise: a directory of its own under the current one
 BENCH_DEFAULT_OUT = "vlcache-bench"
 
