@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vlcache_hf import CacheStore, VLCache
+from vlcache_hf import CacheStore, VLCache, VLCacheProcessor
 from vlcache_hf.compat import with_cache
 from vlcache_hf.store.tiers import MemoryTier
 from vlcache_hf.timing import time_first_token
@@ -36,8 +36,9 @@ from vlcache_hf.tools.bench import (
 )
 
 
-def request_runner(model, scenario, mode, seeded):
-    """A callable serving the scenario's target once in `mode` (a fresh cache and store clone each time)."""
+def request_runner(model, scenario, mode, seeded, processor):
+    """A callable serving the scenario's target once in `mode` (a fresh cache and store clone each time); the
+    "naive + processor" mode makes the request with `VLCacheProcessor` first (profiled with it)."""
     if mode.kind == "hf_prefix":
         server = HFPrefixServer(model, scenario)
         return server.time
@@ -46,7 +47,10 @@ def request_runner(model, scenario, mode, seeded):
 
     def run() -> float:
         store = CacheStore([MemoryTier(64 * 1024**3)]) if seeded is None else _clone_store(seeded)
-        return time_first_token(model, scenario.target, VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio))
+        target = scenario.target
+        if mode.kind == "vlcache_processor":
+            target = toy.chat_inputs(VLCacheProcessor(processor, model, store), scenario.target_messages).to(model.device)
+        return time_first_token(model, target, VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio))
 
     return run
 
@@ -114,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = [f"# Profiles ({args.size}, {args.device}, {dtype})", "", "| scenario | mode | seconds (profiled call) |", "|---|---|---|"]
     for scenario in build_scenarios(processor, size, set(args.scenarios) - {"d"}):
         scenario = _on_device(scenario, model.device)
-        seeded = _seeded_store(model, scenario)
+        seeded = _seeded_store(model, scenario, processor)
         for mode in modes:
-            seconds, text = profile(request_runner(model, scenario, mode, seeded), args.lines)
+            if mode.kind == "vlcache_processor" and scenario.target_messages is None:
+                continue  # a chat-only mode
+            seconds, text = profile(request_runner(model, scenario, mode, seeded, processor), args.lines)
             name = f"{scenario.name}_{mode.name.replace(' ', '_').replace('%', 'pct')}.txt"
             (args.out / name).write_text(text)
             summary.append(f"| {scenario.name} | {mode.name} | {seconds:.4f} |")

@@ -53,11 +53,16 @@ def test_bench_smoke_has_every_mode_and_scenario(tmp_path, capsys):
         expected = {"a-chat", "b-new-question", "c-reordered"}
         if mode.name in ("full", "naive"):
             expected.add("d-cold")
+        if mode.kind == "vlcache_processor":  # made by VLCacheProcessor from the chat: the chat scenario only
+            expected = {"a-chat"}
         for scenario in expected:
             assert (scenario, mode.name) in seen, (scenario, mode.name)
     assert (tmp_path / "smoke.md").exists() and (tmp_path / "smoke_speedup.png").exists()
     for row in data["results"]:
         assert row["ttft"]["median"] > 0
+    processor_row = next(r for r in data["results"] if r["mode"] == "naive + processor")
+    assert processor_row["processor_ms"] > 0 and processor_row["recomputed_fraction"] < 1  # its request reused K/V
+    assert {(r["scenario"], r["mode"]) for r in data["results"] if r["mode"] == "naive + processor"} == {("a-chat", "naive + processor")}
     assert "noise" in data["warning"] and data["command"] == "vlcache bench --smoke --out " + f"{tmp_path} --name smoke"
     table = (tmp_path / "smoke.md").read_text()
     assert "speedup vs full †" in table and table.rstrip().splitlines()[-1].startswith("† ")
@@ -70,3 +75,38 @@ def test_bench_force_overwrites_one_run_and_leaves_no_stale_plot(tmp_path, capsy
     assert main(args) == 2 and stale.exists()
     assert main([*args, "--force"]) == 0
     assert not stale.exists() and (tmp_path / "one.json").exists() and (tmp_path / "one_speedup.png").exists()
+
+
+def test_end_to_end_line_adds_each_mode_s_processor_call_to_its_ttft():
+    from vlcache_hf.tools.bench import ModeResult, against_hf_prefix
+
+    def row(mode, ttft_s, processor_ms):
+        return ModeResult("a-chat", mode, {"median": ttft_s, "min": ttft_s, "max": ttft_s, "n": 3.0}, processor_ms=processor_ms)
+
+    lines = against_hf_prefix([row("hf-prefix", 0.400, 90.0), row("naive", 0.460, 90.0), row("naive + processor", 0.440, 20.0)])
+    assert "HF prefix cache 400.0 ms / naive reuse 460.0 ms = 0.87×" in lines[3]
+    # TTFT alone 400 / 440 = 0.91×; with the processor call (90 + 400) / (20 + 440) = 490 / 460 = 1.07×
+    assert lines[4].endswith("TTFT alone 400.0 / 440.0 ms = 0.91×; processor call + TTFT: HF prefix cache 490.0 ms "
+                             "(plain processor 90.0 ms) / naive reuse 460.0 ms (`VLCacheProcessor` 20.0 ms) = 1.07×")
+    assert len(against_hf_prefix([row("hf-prefix", 0.4, 90.0), row("naive", 0.46, 90.0)])) == 4  # no processor mode: no line
+
+
+def test_modes_take_turns_so_drift_weighs_on_every_mode_alike(monkeypatch):
+    from vlcache_hf.tools import bench, toy
+
+    model, processor = toy.build_model(), toy.build_processor()
+    scenario = bench.build_scenarios(processor, bench.SIZES["smoke"], {"a"})[0]
+    seeded = bench._seeded_store(model, scenario, processor)
+    order: list[str] = []
+    real_request = bench._ModeRunner.request
+
+    def recorded(self):
+        order.append(self.mode.name)
+        return real_request(self)
+
+    monkeypatch.setattr(bench._ModeRunner, "request", recorded)
+    modes = [m for m in bench.MODES if m.name in ("full", "naive", "naive + processor")]
+    runs = bench.run_modes(model, scenario, modes, repeats=2, seeded=seeded, measure_memory=False, processor=processor)
+    assert order == ["full", "naive", "naive + processor"] * 3  # a warm-up round, then two timed rounds
+    assert [len(run.times) for run in runs] == [2, 2, 2] and len(runs[2].processor_seconds) == 2
+    assert runs[1].report.reused_tokens > 0 and runs[2].report.encoder_hits == runs[2].report.images  # served from the store

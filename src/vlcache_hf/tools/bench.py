@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +27,7 @@ from ..cache import VLCache
 from ..compat import with_cache
 from ..errors import VLCacheError
 from ..models import get_adapter
+from ..processor import VLCacheProcessor
 from ..selection import POLICIES
 from ..store.store import CacheStore
 from ..store.tiers import MemoryTier
@@ -54,6 +56,10 @@ MODES = [
     Mode("cacheblend 5%", "vlcache", "cacheblend", 0.05),
     Mode("vlcache 2%", "vlcache", "vlcache", 0.02),
     Mode("vlcache 5%", "vlcache", "vlcache", 0.05),
+    # chat only: the request made by `VLCacheProcessor` (stored images are neither preprocessed nor hashed as
+    # pixels); its processor call is timed too, as the plain processor's is for the other modes. Its report's
+    # encoder time is the wrapper's store lookup, spent in that processor call (outside the TTFT)
+    Mode("naive + processor", "vlcache_processor", "none"),
 ]
 
 
@@ -87,6 +93,8 @@ class Scenario:
     target: Any
     hf_prefix_tokens: int  # tokens a token-prefix cache could reuse for the target
     cold: bool = False
+    seed_messages: list[list[dict]] | None = None  # the chats behind `seeds` (chat scenario: for the processor)
+    target_messages: list[dict] | None = None  # the chat behind `target`
 
 
 @dataclass
@@ -104,6 +112,7 @@ class ModeResult:
     peak_mib: float | None = None  # peak memory growth of one untimed run (`memory.peak_memory`)
     copy_ms: float | None = None  # HF prefix caching: median per-request copy of its cache (part of its TTFT)
     loaded_mib: float | None = None  # bytes of the stored entries the request read
+    processor_ms: float | None = None  # median processor call that makes the request (chat scenario only)
 
 
 def _chat(processor, *parts):
@@ -118,7 +127,10 @@ def build_scenarios(processor, size: BenchSize, kinds: set[str]) -> list[Scenari
         turn1 = [toy.message("user", "Here are the pages of my report.", *pages, "Summarise page one.")]
         first = toy.chat_inputs(processor, turn1)
         turn2 = [*turn1, toy.message("assistant", "Page one shows coloured blocks."), toy.message("user", "And the last page?")]
-        scenarios.append(Scenario("a-chat", "multi-turn chat, turn 2 (prefix grows)", [first], toy.chat_inputs(processor, turn2), first["input_ids"].shape[1]))
+        scenarios.append(Scenario(
+            "a-chat", "multi-turn chat, turn 2 (prefix grows)", [first], toy.chat_inputs(processor, turn2), first["input_ids"].shape[1],
+            seed_messages=[turn1], target_messages=turn2,
+        ))
     if "b" in kinds:
         seed = _chat(processor, "Here are the pages of my report.", *pages, "Summarise them.")
         target = _chat(processor, "You are a careful analyst. Another user asks about the same document:", *pages, "Which page has the most red?")
@@ -155,11 +167,29 @@ def _clone_store(store: CacheStore) -> CacheStore:
     return CacheStore([clone])
 
 
-def _seeded_store(model, scenario: Scenario) -> CacheStore:
+def _seeded_store(model, scenario: Scenario, processor=None) -> CacheStore:
+    """A store holding what the scenario's earlier requests published. With `processor` and the chats behind
+    them, they are made through `VLCacheProcessor`, which also stores its aliases (raw image key → item key);
+    every other entry is the same either way."""
     store = CacheStore([MemoryTier(64 * 1024**3)])
-    for request in scenario.seeds:
+    if processor is not None and scenario.seed_messages:
+        wrapper = VLCacheProcessor(processor, model, store)
+        requests = [toy.chat_inputs(wrapper, messages).to(model.device) for messages in scenario.seed_messages]
+    else:
+        requests = scenario.seeds
+    for request in requests:
         model.generate(**request, max_new_tokens=1, do_sample=False, **with_cache(model, VLCache(model, store=store)))
     return store
+
+
+def processor_seconds(processor, messages: list[dict], repeats: int) -> list[float]:
+    """Wall time of the plain processor call that makes the request, `repeats` times after a warm-up."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        toy.chat_inputs(processor, messages)
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 class HFPrefixServer:
@@ -219,36 +249,68 @@ class ModeRun:
     report: Any  # the last run's `PrefillReport` (None for plain and HF-prefix modes)
     peak_bytes: int | None  # peak memory growth of one more, untimed run (None: not measured)
     copy_seconds: list[float]  # HF prefix caching only: the per-request copy of its cache, timed runs
+    processor_seconds: list[float] = field(default_factory=list)  # "naive + processor": its processor calls
+
+
+class _ModeRunner:
+    """Serves the scenario's target in one mode, one request per `request()` call (a fresh cache and store clone
+    each time; HF prefix caching copies its prefix cache). The "naive + processor" mode makes each request with
+    `VLCacheProcessor` over `processor`, its call timed apart from the TTFT."""
+
+    def __init__(self, model, scenario: Scenario, mode: Mode, seeded: CacheStore | None, processor=None):
+        self.model, self.scenario, self.mode, self.seeded, self.processor = model, scenario, mode, seeded, processor
+        self.server = HFPrefixServer(model, scenario) if mode.kind == "hf_prefix" else None
+        self.report: Any = None
+        self.processor_seconds: list[float] = []
+
+    def request(self) -> float:
+        model, mode = self.model, self.mode
+        cache, target = None, self.scenario.target
+        if mode.kind not in ("plain", "hf_prefix"):
+            store = CacheStore([MemoryTier(64 * 1024**3)]) if self.seeded is None else _clone_store(self.seeded)
+            cache = VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio)
+            if mode.kind == "vlcache_processor":
+                start = time.perf_counter()
+                target = toy.chat_inputs(VLCacheProcessor(self.processor, model, store), self.scenario.target_messages).to(model.device)
+                self.processor_seconds.append(time.perf_counter() - start)
+        seconds = self.server.time() if self.server is not None else time_first_token(model, target, cache)
+        if cache is not None:
+            self.report = cache.report
+        return seconds
+
+
+def run_modes(
+    model, scenario: Scenario, modes: list[Mode], repeats: int, seeded: CacheStore | None, measure_memory: bool = True,
+    processor=None,
+) -> list[ModeRun]:
+    """Per mode, `repeats` timed runs after one dropped warm-up, taken in turns (mode 1, mode 2, …, then again):
+    a machine that slows down or speeds up during the run then weighs on every mode alike, not on the modes
+    that happened to run late. Then (with `measure_memory`) one more run per mode, not timed, under
+    `peak_memory` (on the CPU it runs under the profiler, which would distort a timing)."""
+    runners = [_ModeRunner(model, scenario, mode, seeded, processor) for mode in modes]
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeats + 1):  # the first round warms up allocators and is dropped
+        for runner, taken in zip(runners, times, strict=True):
+            taken.append(runner.request())
+    runs = []
+    for runner, taken in zip(runners, times, strict=True):
+        timed_processor = runner.processor_seconds[1 : repeats + 1]
+        peak = None
+        if measure_memory:
+            with peak_memory(model.device) as measured:
+                runner.request()
+            peak = measured.bytes
+        copies = runner.server.copy_seconds[1:] if runner.server is not None else []
+        runs.append(ModeRun(taken[1:], runner.report, peak, copies, timed_processor))
+    return runs
 
 
 def run_mode(
-    model, scenario: Scenario, mode: Mode, repeats: int, seeded: CacheStore | None, measure_memory: bool = True
+    model, scenario: Scenario, mode: Mode, repeats: int, seeded: CacheStore | None, measure_memory: bool = True,
+    processor=None,
 ) -> ModeRun:
-    """`repeats` timed runs after one dropped warm-up, then (with `measure_memory`) one more run, not timed, under
-    `peak_memory` (on the CPU it runs under the profiler, which would distort a timing)."""
-    times, report = [], None
-    server = HFPrefixServer(model, scenario) if mode.kind == "hf_prefix" else None
-
-    def one_request() -> float:
-        nonlocal report
-        cache = None
-        if mode.kind not in ("plain", "hf_prefix"):
-            store = CacheStore([MemoryTier(64 * 1024**3)]) if seeded is None else _clone_store(seeded)
-            cache = VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio)
-        seconds = server.time() if server is not None else time_first_token(model, scenario.target, cache)
-        if cache is not None:
-            report = cache.report
-        return seconds
-
-    for _ in range(repeats + 1):  # the first run warms up allocators and is dropped
-        times.append(one_request())
-    copies = server.copy_seconds[1:] if server is not None else []
-    peak = None
-    if measure_memory:
-        with peak_memory(model.device) as measured:
-            one_request()
-        peak = measured.bytes
-    return ModeRun(times[1:], report, peak, copies)
+    """`run_modes` for one mode."""
+    return run_modes(model, scenario, [mode], repeats, seeded, measure_memory, processor)[0]
 
 
 def _images(scenario: Scenario) -> int:
@@ -308,16 +370,21 @@ def bench_scenarios(model, processor, size: BenchSize, kinds: set[str], mode_nam
     results: list[ModeResult] = []
     for scenario in build_scenarios(processor, size, kinds):
         scenario = _on_device(scenario, model.device)
-        seeded = None if scenario.cold else _seeded_store(model, scenario)
+        seeded = None if scenario.cold else _seeded_store(model, scenario, processor)
         wanted = [m for m in modes if not scenario.cold or m.name in ("full", "naive")]
         if scenario.cold or not scenario.seeds:
             wanted = [m for m in wanted if m.kind != "hf_prefix"]
+        plain_processor_ms = None
+        if scenario.target_messages is None:
+            wanted = [m for m in wanted if m.kind != "vlcache_processor"]
+        elif any(m.kind == "vlcache_processor" for m in wanted):
+            plain_processor_ms = summarize(processor_seconds(processor, scenario.target_messages, size.repeats))["median"] * 1e3
         full_median = None
         costs = _bound_inputs(model, scenario, size.repeats)
-        for mode in wanted:
-            run = run_mode(model, scenario, mode, size.repeats, seeded)
+        for mode, run in zip(wanted, run_modes(model, scenario, wanted, size.repeats, seeded, processor=processor), strict=True):
             report, stats = run.report, summarize(run.times)
             result = ModeResult(scenario.name, mode.name, stats, prompt_tokens=int(scenario.target["input_ids"].shape[1]))
+            result.processor_ms = summarize(run.processor_seconds)["median"] * 1e3 if run.processor_seconds else plain_processor_ms
             result.peak_mib = None if run.peak_bytes is None else run.peak_bytes / 2**20
             result.copy_ms = summarize(run.copy_seconds)["median"] * 1e3 if run.copy_seconds else None
             if mode.kind == "plain":
@@ -422,7 +489,24 @@ def against_hf_prefix(results: list[ModeResult]) -> list[str]:
             copy_ms = next((r.copy_ms for r in results if (r.scenario, r.mode) == (scenario, "hf-prefix")), None)
             copied = f" (its per-request cache copy: {copy_ms:.1f} ms)" if copy_ms is not None else ""
             lines.append(f"- {scenario}: HF prefix cache {hf * 1e3:.1f} ms{copied} / naive reuse {naive * 1e3:.1f} ms = {hf / naive:.2f}×")
+        lines += _end_to_end(results, scenario)
     return ["", "Against Hugging Face prefix caching (same run):", "", *lines] if lines else []
+
+
+def _end_to_end(results: list[ModeResult], scenario: str) -> list[str]:
+    """Processor call + TTFT of HF prefix caching (plain processor) against naive reuse with the request made by
+    `VLCacheProcessor`, and that mode's TTFT alone against HF's."""
+    rows = {r.mode: r for r in results if r.scenario == scenario}
+    hf, ours = rows.get("hf-prefix"), rows.get("naive + processor")
+    if hf is None or ours is None or hf.processor_ms is None or ours.processor_ms is None:
+        return []
+    hf_total, ours_total = hf.processor_ms + hf.ttft["median"] * 1e3, ours.processor_ms + ours.ttft["median"] * 1e3
+    return [
+        f"- {scenario}, the request made by `VLCacheProcessor`: TTFT alone {hf.ttft['median'] * 1e3:.1f} / "
+        f"{ours.ttft['median'] * 1e3:.1f} ms = {hf.ttft['median'] / ours.ttft['median']:.2f}×; processor call + TTFT: HF prefix cache "
+        f"{hf_total:.1f} ms (plain processor {hf.processor_ms:.1f} ms) / naive reuse {ours_total:.1f} ms "
+        f"(`VLCacheProcessor` {ours.processor_ms:.1f} ms) = {hf_total / ours_total:.2f}×"
+    ]
 
 
 def plot(results: list[ModeResult], sweep_rows: list[dict], out: Path, stem: str) -> list[str]:
@@ -553,7 +637,7 @@ def run(args: argparse.Namespace) -> int:
     table = markdown(results, size.repeats)
     layout = get_adapter(model).kv_layout
     typed = getattr(args, "argv", None)
-    command = " ".join(typed[1:] if typed and typed[0] == "bench" else (typed or []))
+    command = shlex.join(typed[1:] if typed and typed[0] == "bench" else (typed or []))  # quoted as typed in a shell
     payload = {
         "command": ("vlcache bench " + command).strip(),
         "environment": environment(),
