@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[{row['kl_mean_ci'][0]:.2e}, {row['kl_mean_ci'][1]:.2e}] | {row['recomputed_fraction'] * 100:.1f} % |"
         )
     lines += ["", "Accuracy per question kind:", "", "| mode | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-    for label in [m for m in ("full", "none", "prefix-only", "coverage@0.05", "random@0.05", "vlcache@0.05", "vlcache-uniform@0.05", "first_k@0.05") if m in per_kind]:
+    for label in [m for m in ("full", "none", "prefix-only", "coverage@0.05", "coverage-shift@0.05", "random@0.05", "vlcache@0.05", "vlcache-uniform@0.05", "first_k@0.05") if m in per_kind]:
         lines.append(f"| {label} | " + " | ".join(f"{per_kind[label][k] * 100:.1f} %" for k in kinds) + " |")
     md = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)

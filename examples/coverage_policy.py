@@ -1,4 +1,6 @@
-"""Choose which moved image tokens to recompute: `coverage` against naive reuse and a random choice.
+"""Choose which moved image tokens to recompute: `coverage` and `coverage-shift` against naive reuse and a
+random choice (`coverage-shift` also corrects the moved tokens it does not recompute, by the K/V shift measured
+on the ones it does).
 
 On the deep embedded model (8 layers, 64 tokens per picture) the pictures of each question are first shown
 after another preamble and in another order, then the question is asked: every picture is reused at a new
@@ -18,7 +20,12 @@ from vlcache_hf.probe import Mode, compare_modes, moved_image_request
 from vlcache_hf.tools import synthetic
 from vlcache_hf.tools.pretrained import load_deep
 
-MODES = [Mode("naive", "none"), Mode("random 5 %", "random", 0.05), Mode("coverage 5 %", "coverage", 0.05)]
+MODES = [
+    Mode("naive", "none"),
+    Mode("random 5 %", "random", 0.05),
+    Mode("coverage 5 %", "coverage", 0.05),
+    Mode("coverage-shift 5 %", "coverage-shift", 0.05),
+]
 
 
 def main() -> None:
@@ -45,7 +52,7 @@ def main() -> None:
     print(f"{len(items)} deep-task items, pictures moved; full recomputation answers {right['full']} right")
     for mode in MODES:
         label = mode.label
-        print(f"  {label:13s} right {right[label]:3d}, same answer as full {agree[label]:3d}, KL(full‖·) {mean(kls[label]):.3f}")
+        print(f"  {label:19s} right {right[label]:3d}, same answer as full {agree[label]:3d}, KL(full‖·) {mean(kls[label]):.3f}")
 
 
 if __name__ == "__main__":

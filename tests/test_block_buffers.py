@@ -122,3 +122,32 @@ def test_gathers_from_a_block_equal_per_layer_gathers():
     assert torch.equal(span, gather_kv(per_layer, 2, 6)) and span.shape == (3, 2, 2, 4, 4)
     span.fill_(0)  # a copy, not a view of the buffers
     assert block.block[:, :, 0, :, 2:6].ne(0).any()
+
+
+def test_with_a_block_fills_go_to_the_block_in_one_copy_per_span(models):
+    """The block, not the per-layer list, is what filling writes when there is one (a list whose entries are
+    not views of it shows which was written): a mix-up would fall back to one copy per layer and side."""
+    layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=2, dtype=torch.float32)
+    buffers = allocate_buffers(layout, 6, torch.device("cpu"), block=True)
+    buffers.block.fill_(-1)
+    detached = [(torch.full_like(k, -1), torch.full_like(v, -1)) for k, v in buffers]
+    buffers[:] = detached  # the same shapes, not views of the block
+    text = KVEntry(_kv(2, 2, 500), torch.zeros(1, 2))
+    fill_prefix(buffers, [PrefixChunk(torch.tensor([0, 1]), text, ())])
+    assert buffers.block[:, :, 0, 0, :2, 0].ne(-1).all() and all(k.eq(-1).all() and v.eq(-1).all() for k, v in detached)
+    model, _ = models("qwen2_5_vl")
+    adapter = get_adapter(model)
+    full = adapter.kv_layout
+    moved = allocate_buffers(full, 8, torch.device("cpu"), block=True)
+    moved.block.fill_(-1)
+    moved[:] = [(torch.full_like(k, -1), torch.full_like(v, -1)) for k, v in moved]
+    entry = KVEntry(torch.randn(full.num_layers, 2, full.num_kv_heads, 4, full.head_dim), torch.arange(4).expand(3, 4).clone())
+    fill_moved(adapter, moved, entry, 0, 2, 6, torch.arange(8).view(1, 1, 8).expand(3, 1, 8).clone())
+    assert moved.block[:, :, 0, :, 2:6].ne(-1).all() and all(k.eq(-1).all() for k, _ in moved)
+
+
+def test_per_layer_buffers_are_allocated_on_the_device_asked_for():
+    layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=2, dtype=torch.float32)
+    per_layer = allocate_buffers(layout, 4, torch.device("meta"), block=False)
+    assert per_layer.block is None and all(side.is_meta for pair in per_layer for side in pair)
+    assert allocate_buffers(layout, 4, torch.device("meta"), block=True).block.is_meta

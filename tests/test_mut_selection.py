@@ -135,7 +135,7 @@ def test_make_policy_checks_ratio_and_name():
             make_policy("none", bad)
     with pytest.raises(VLCacheError, match=re.escape("recompute_ratio must be in [0, 1], got 1.5")):
         make_policy(RandomPolicy(1.5))  # an instance's own ratio is checked too
-    names = "['cacheblend', 'coverage', 'first_k', 'full', 'none', 'random', 'stratified', 'vlcache']"
+    names = "['cacheblend', 'coverage', 'coverage-shift', 'first_k', 'full', 'none', 'random', 'stratified', 'vlcache']"
     for bad in ("nope", 123):
         with pytest.raises(VLCacheError, match=re.escape(f"unknown policy {bad!r}; choose one of {names}")):
             make_policy(bad)

@@ -205,6 +205,7 @@ def prefill_request(cache, args: tuple, kwargs: dict[str, Any], keep: int = 1, f
                 plan.fresh_mask[rows],
                 plan.moved_spans,
                 reused_keys=lambda i: cache.layers[i].keys,
+                positions=positions[:, 0, rows],
             )
             injections = adapter.layer_injections(spans, features, embeds[:, rows])
             mask = kwargs.get("attention_mask")

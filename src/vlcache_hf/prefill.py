@@ -17,6 +17,7 @@ from .models import KVLayout, ModelAdapter
 from .reuse import PrefixChunk
 from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
+from .selection.shift import shift_unrecomputed_rows
 from .store.entry import KVEntry, to_device
 
 DECODE_HEADROOM = 256
@@ -202,6 +203,7 @@ def run_layers(
     plans = LayerPlans(adapter, ctx.num_tokens, key_padding, backend)
     plans.reset(current)
     counts: list[int] = []
+    shift_scales = policy.shift_scales
     with selective_attention_enabled(attention_config, backend):
         for layer_idx in range(ctx.num_layers):
             if current.numel() == 0:  # nested sets: nothing deeper either
@@ -213,6 +215,8 @@ def run_layers(
             if layer_idx in injections:
                 hidden = hidden + injections[layer_idx][:, current].to(hidden.dtype)
             observation = layer_cache.end_write(layer_idx)
+            if shift_scales and observation is not None:  # only moved rows this layer did not recompute
+                shift_unrecomputed_rows(adapter, layer_cache.keys, layer_cache.values, ctx, observation, shift_scales)
             counts.append(int(current.numel()))
             if layer_idx + 1 == ctx.num_layers:
                 break

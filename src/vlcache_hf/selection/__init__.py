@@ -10,6 +10,7 @@ from .baselines import CacheBlendPolicy, FirstTokensPolicy, RandomPolicy
 from .builtin import FullRecompute, NoRecompute
 from .coverage import CoveragePolicy
 from .profile import DEFAULT_ALLOCATION, LayerProfile, allocate_budgets
+from .shift import CoverageShiftPolicy
 from .stratified import StratifiedPolicy
 from .vlcache import VLCachePolicy
 
@@ -17,7 +18,7 @@ POLICIES: dict[str, type[SelectionPolicy]] = {
     cls.name: cls
     for cls in (
         FullRecompute, NoRecompute, FirstTokensPolicy, RandomPolicy, CacheBlendPolicy, VLCachePolicy, StratifiedPolicy,
-        CoveragePolicy,
+        CoveragePolicy, CoverageShiftPolicy,
     )
 }
 
@@ -64,6 +65,7 @@ __all__ = [
     "POLICIES",
     "CacheBlendPolicy",
     "CoveragePolicy",
+    "CoverageShiftPolicy",
     "DEFAULT_ALLOCATION",
     "LayerProfile",
     "VLCachePolicy",

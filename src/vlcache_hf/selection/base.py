@@ -40,6 +40,8 @@ class SelectionContext:
     #: the reused keys a layer starts from ([1, kv_heads, num_tokens, head_dim]; rows of fresh tokens are not
     #: filled yet), for policies that choose by what the stored K/V holds; None where there is no cache
     reused_keys: Callable[[int], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    #: where each token sits in this prompt ([num_axes, num_tokens], the model's rotary positions); None where unknown
+    positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def fresh_indices(self) -> torch.Tensor:
@@ -76,6 +78,12 @@ class SelectionPolicy(ABC):
     needs_observation: ClassVar[bool] = False
     #: the policy reuses stored K/V at all (False only for full recomputation)
     reuses_kv: ClassVar[bool] = True
+    @property
+    def shift_scales(self) -> dict[str, float]:
+        """Per part ("keys", "values"), the share of a measured shift the prefill applies after each layer to the
+        reused K/V of the moved tokens that layer did not recompute: the mean deviation the layer measured on the
+        same image's recomputed tokens (`vlcache_hf.selection.shift`; needs `needs_observation`). Default: none."""
+        return {}
 
     def __init__(self, recompute_ratio: float = 0.0):
         #: share of moved tokens to recompute, averaged over layers: the one home of this setting
