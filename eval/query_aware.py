@@ -1,13 +1,15 @@
-"""Prototype (issue 19): a query-aware choice of the moved tokens to recompute, measured against `coverage`.
+"""Prototypes (issue 19): query-aware and attention-mass choices of the moved tokens to recompute, against `coverage`.
 
     python eval/query_aware.py --items 300 --split validation
 
 Query-aware picks: per moved image, the tokens that the prompt's fresh tokens after it (the question) attend to
 most at layer 0, from layer 0's own queries (the fresh tokens' embeddings through the layer's norm, `q_proj` and
 rotary) and the image's reused layer-0 keys (exact after re-rotation); the same budget split over images as
-`coverage`. With and without `coverage-shift`'s correction. A prototype, not a library policy: it reads the model
-and the request's token ids, which a `SelectionPolicy` is not given, through attributes set per request. It lost
-to `coverage` (see `eval/results/query_aware_validation.md`), so it was not made a policy.
+`coverage`. Attention-mass picks: per moved image, the tokens that all later tokens of the prompt attend to most
+at layer 0 (the paper's e_prop term measured; queries and keys from the input embeddings, image rows holding the
+encoder's features). Each with and without `coverage-shift`'s correction. Prototypes, not library policies: they
+read the model and the request's inputs, which a `SelectionPolicy` is not given, through attributes set per
+request. Both lost to `coverage` (see `eval/results/query_aware_validation.md`), so neither was made a policy.
 """
 import argparse
 import platform
@@ -63,10 +65,50 @@ class QueryAware(CoverageShiftPolicy):
                 picked.append(torch.topk(mass, count).indices + span.start)
         return torch.cat(picked)
 
+class AttentionMass(QueryAware):
+    """Per moved image, the tokens that every later token of the prompt (text and image) attends to most at
+    layer 0: the e_prop term of the paper's cumulative error, measured instead of assumed. Layer 0's queries and
+    keys come from the prompt's input embeddings (the images' encoder features in their rows)."""
+
+    name = "mass-proto"
+
+    def initial_set(self, ctx):
+        spans = list(ctx.moved_spans)
+        counts = split_over_spans([s.length for s in spans], budget_tokens(ctx.num_moved, self.recompute_ratio))
+        lm = self.model.model.language_model
+        layer = lm.layers[0]
+        attn = layer.self_attn
+        text = self.model.config.text_config
+        heads, kv = text.num_attention_heads, text.num_key_value_heads
+        with torch.no_grad():
+            ids = self.input_ids[0, : ctx.num_tokens]
+            embeds = lm.embed_tokens(ids).clone()
+            features = torch.cat(list(self.model.model.get_image_features(self.pixel_values, self.grid).pooler_output))
+            embeds[ids == self.model.config.image_token_id] = features.to(embeds.dtype)
+            x = layer.input_layernorm(embeds)[None]
+            dim = x.shape[-1] // heads
+            q = attn.q_proj(x).view(1, -1, heads, dim).transpose(1, 2)[0].float()  # [H, T, D]
+            k = attn.k_proj(x).view(1, -1, kv, dim).transpose(1, 2)[0].float()
+            adapter = self.cache.adapter
+            q = apply_rotation(q, *adapter.rotation_cos_sin(q, ctx.positions))
+            k = apply_rotation(k, *adapter.rotation_cos_sin(k, ctx.positions)).repeat_interleave(heads // kv, dim=0)
+            scores = torch.einsum("hid,hjd->hij", q, k) / dim ** 0.5
+            causal = torch.ones(ctx.num_tokens, ctx.num_tokens, dtype=torch.bool).tril()
+            weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            weights = weights.masked_fill(torch.eye(ctx.num_tokens, dtype=torch.bool), 0.0)  # later tokens only
+            received = weights.sum(dim=(0, 1))  # [T]: attention mass each token receives from the tokens after it
+        picked = [ctx.fresh_indices]
+        for span, count in zip(spans, counts, strict=True):
+            if count:
+                picked.append(torch.topk(received[span.start : span.end], count).indices + span.start)
+        return torch.cat(picked)
+
+
 def probe(model, inputs, store, policy, ratio):
     cache = VLCache(model, store=store, policy=policy, recompute_ratio=ratio, publish=False)
     if isinstance(policy, QueryAware):
         policy.cache, policy.model, policy.input_ids = cache, model, inputs["input_ids"]
+        policy.pixel_values, policy.grid = inputs["pixel_values"], inputs["image_grid_thw"]
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True, **with_cache(model, cache))
     return out.logits[0][0].float(), out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -86,6 +128,8 @@ for r in (0.02, 0.05):
     modes[f"query@{r}"] = lambda r=r: (QueryAware(r, shift=False), r)
     modes[f"coverage-shift@{r}"] = lambda r=r: ("coverage-shift", r)
     modes[f"query-shift@{r}"] = lambda r=r: (QueryAware(r, shift=True), r)
+    modes[f"mass@{r}"] = lambda r=r: (AttentionMass(r, shift=False), r)
+    modes[f"mass-shift@{r}"] = lambda r=r: (AttentionMass(r, shift=True), r)
 stats = {k: {"agree": [], "kl": [], "correct": []} for k in ["full", "none", *modes]}
 t0 = time.time()
 for item in items:
