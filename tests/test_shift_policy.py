@@ -111,3 +111,23 @@ def test_exact_requests_are_untouched_and_a_moved_request_changes_only_unrecompu
             assert not differs[~is_image].any()  # text rows: never shifted (and computed alike)
             changed_rows |= set(differs.nonzero().flatten().tolist())
     assert changed_rows and all(bool(is_image[r]) for r in changed_rows)
+
+
+def test_every_family_keeps_exact_requests_exact_and_shifts_moved_images(family, models, images):
+    """LLaVA's 1-D RoPE, Qwen's M-RoPE and Qwen3-VL's deepstack: an exact repeat equals plain `generate`, and a
+    moved request shifts image rows only (the shift's rotation comes from each family's own rotary)."""
+    model, processor = models(family)
+    first = toy.chat_inputs(processor, [toy.message("user", images[0], images[1], "What is shown?")])
+    store = CacheStore()
+    greedy(model, first, VLCache(model, store=store))
+    assert_same_as_plain(model, first, lambda: VLCache(model, store=store, policy="coverage-shift", recompute_ratio=0.1))
+    moved = toy.chat_inputs(processor, [toy.message("user", "Now:", images[1], images[0], "What is shown?")])
+    plain_cache = VLCache(model, store=store, policy="coverage", recompute_ratio=0.1)
+    shifted_cache = VLCache(model, store=store, policy="coverage-shift", recompute_ratio=0.1)
+    greedy(model, moved, plain_cache, max_new_tokens=1)
+    out = greedy(model, moved, shifted_cache, max_new_tokens=1)
+    assert shifted_cache.report.moved_tokens > 0 and torch.isfinite(out.scores[0]).all()
+    prompt = moved["input_ids"].shape[1] - 1
+    changed = sum(int((a.values[0, :, :prompt] != b.values[0, :, :prompt]).any(dim=(0, 2)).sum())
+                  for a, b in zip(plain_cache.layers, shifted_cache.layers, strict=True))
+    assert 0 < changed  # some moved rows were corrected
