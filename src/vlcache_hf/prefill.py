@@ -17,7 +17,7 @@ from .models import KVLayout, ModelAdapter
 from .reuse import PrefixChunk
 from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
-from .selection.shift import shift_unrecomputed_rows
+from .selection.shift import rotation_table, shift_unrecomputed_rows
 from .store.entry import KVEntry, to_device
 
 DECODE_HEADROOM = 256
@@ -204,6 +204,7 @@ def run_layers(
     plans.reset(current)
     counts: list[int] = []
     shift_scales = policy.shift_scales
+    rotation = None  # the shift's rotary table, built on its first use
     with selective_attention_enabled(attention_config, backend):
         for layer_idx in range(ctx.num_layers):
             if current.numel() == 0:  # nested sets: nothing deeper either
@@ -216,7 +217,9 @@ def run_layers(
                 hidden = hidden + injections[layer_idx][:, current].to(hidden.dtype)
             observation = layer_cache.end_write(layer_idx)
             if shift_scales and observation is not None:  # only moved rows this layer did not recompute
-                shift_unrecomputed_rows(adapter, layer_cache.keys, layer_cache.values, ctx, observation, shift_scales)
+                if rotation is None and shift_scales.get("keys") and ctx.positions is not None:
+                    rotation = rotation_table(adapter, ctx, layer_cache.keys)
+                shift_unrecomputed_rows(adapter, layer_cache.keys, layer_cache.values, ctx, observation, shift_scales, rotation)
             counts.append(int(current.numel()))
             if layer_idx + 1 == ctx.num_layers:
                 break

@@ -61,6 +61,11 @@ class CoverageShiftPolicy(CoveragePolicy):
         return {"keys": self.key_scale, "values": self.value_scale}
 
 
+def rotation_table(adapter: ModelAdapter, ctx: SelectionContext, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [1, num_tokens, head_dim] of the pure rotation to every prompt position (`ctx.positions`)."""
+    return adapter.rotation_cos_sin(like.float(), ctx.positions)
+
+
 def shift_unrecomputed_rows(
     adapter: ModelAdapter,
     keys: torch.Tensor,
@@ -68,10 +73,14 @@ def shift_unrecomputed_rows(
     ctx: SelectionContext,
     observation: LayerObservation,
     scales: dict[str, float],
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> int:
     """Add to the K/V rows ([1, kv_heads, rows, head_dim] `keys` / `values`, in place) of every moved span's tokens
     that `observation` did not recompute `scales[part]` × the mean deviation observed on the span's recomputed
-    tokens, for each part ("keys", "values") in `scales`. Returns how many rows were shifted."""
+    tokens, for each part ("keys", "values") in `scales`. Returns how many rows were shifted.
+
+    `rotation` is (cos, sin) [1, num_tokens, head_dim] of every prompt position (`rotation_table`), computed once
+    per request by the caller; without it, each call computes the rows it needs."""
     parts = tuple(part for part, scale in scales.items() if scale)
     unknown = sorted(set(scales) - set(SHIFTABLE))
     if unknown:
@@ -94,8 +103,10 @@ def shift_unrecomputed_rows(
         if "keys" in parts:
             picked = index[inside]
             deviation = (observation.new_keys - observation.old_keys)[0][:, inside].float()  # [kv_heads, n, head_dim]
-            unrotated = apply_rotation(deviation, *adapter.rotation_cos_sin(deviation, -ctx.positions[:, picked]))
+            cos, sin = rotation if rotation is not None else rotation_table(adapter, ctx, deviation)
+            # R(-p) is R(p) with sin negated: the rotary angles of every axis change sign together
+            unrotated = apply_rotation(deviation, cos[:, picked], -sin[:, picked])
             mean = (scales["keys"] * unrotated.mean(dim=1, keepdim=True)).expand(-1, rows.numel(), -1)
-            keys[0][:, rows] += apply_rotation(mean, *adapter.rotation_cos_sin(mean, ctx.positions[:, rows])).to(keys.dtype)
+            keys[0][:, rows] += apply_rotation(mean, cos[:, rows], sin[:, rows]).to(keys.dtype)
         shifted += int(rows.numel()) if parts else 0
     return shifted
