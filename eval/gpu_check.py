@@ -85,20 +85,12 @@ def exactness_row(family: str, dtype: torch.dtype, attn: str, device: str) -> di
     processor = toy.build_processor(family)
     images = [toy.make_image(seed) for seed in range(3)]
     inputs = toy.chat_inputs(processor, [toy.message("user", images[0], images[1], "What is shown?")]).to(device)
-    plain = _generate(model, inputs)
     store = CacheStore()
-    full_same, full_diff = _compare(plain, _generate(model, inputs, VLCache(model, store=store, policy="full")))
-    repeat_cache = VLCache(model, store=store)
-    repeat_same, repeat_diff = _compare(plain, _generate(model, inputs, repeat_cache))
+    row = _tokens_equal_row(model, inputs, store, family=family, dtype=str(dtype).removeprefix("torch."), attention=attn)
     moved_inputs = toy.chat_inputs(processor, [toy.message("user", "Now:", images[1], images[0], "What is shown?")]).to(device)
     moved = VLCache(model, store=store, policy="vlcache", recompute_ratio=0.05)
     _generate(model, moved_inputs, moved)
-    return {
-        "family": family, "dtype": str(dtype).removeprefix("torch."), "attention": attn,
-        "full_tokens_equal": full_same, "full_max_logit_diff": full_diff,
-        "repeat_tokens_equal": repeat_same, "repeat_max_logit_diff": repeat_diff,
-        "repeat_reused_tokens": repeat_cache.report.reused_tokens, "moved_tokens": moved.report.moved_tokens,
-    }
+    return {**row, "moved_tokens": moved.report.moved_tokens}
 
 
 def exactness(device: str) -> list[dict]:

@@ -20,39 +20,9 @@ from pathlib import Path
 
 import torch
 
-from vlcache_hf import CacheStore, VLCache, VLCacheProcessor
 from vlcache_hf.compat import with_cache
-from vlcache_hf.store.tiers import MemoryTier
-from vlcache_hf.timing import time_first_token
 from vlcache_hf.tools import toy
-from vlcache_hf.tools.bench import (
-    MODES,
-    SIZES,
-    HFPrefixServer,
-    _clone_store,
-    _on_device,
-    _seeded_store,
-    build_scenarios,
-)
-
-
-def request_runner(model, scenario, mode, seeded, processor):
-    """A callable serving the scenario's target once in `mode` (a fresh cache and store clone each time); the
-    "naive + processor" mode makes the request with `VLCacheProcessor` first (profiled with it)."""
-    if mode.kind == "hf_prefix":
-        server = HFPrefixServer(model, scenario)
-        return server.time
-    if mode.kind == "plain":
-        return lambda: time_first_token(model, scenario.target, None)
-
-    def run() -> float:
-        store = CacheStore([MemoryTier(64 * 1024**3)]) if seeded is None else _clone_store(seeded)
-        target = scenario.target
-        if mode.kind == "vlcache_processor":
-            target = toy.chat_inputs(VLCacheProcessor(processor, model, store), scenario.target_messages).to(model.device)
-        return time_first_token(model, target, VLCache(model, store=store, policy=mode.policy, recompute_ratio=mode.ratio))
-
-    return run
+from vlcache_hf.tools.bench import MODES, SIZES, ModeRunner, _on_device, _seeded_store, build_scenarios
 
 
 def decode_runner(model, inputs, tokens: int):
@@ -122,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             if mode.kind == "vlcache_processor" and scenario.target_messages is None:
                 continue  # a chat-only mode
-            seconds, text = profile(request_runner(model, scenario, mode, seeded, processor), args.lines)
+            seconds, text = profile(ModeRunner(model, scenario, mode, seeded, processor).request, args.lines)
             name = f"{scenario.name}_{mode.name.replace(' ', '_').replace('%', 'pct')}.txt"
             (args.out / name).write_text(text)
             summary.append(f"| {scenario.name} | {mode.name} | {seconds:.4f} |")

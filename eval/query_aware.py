@@ -36,16 +36,24 @@ class QueryAware(CoverageShiftPolicy):
     def __init__(self, ratio, shift=True):
         super().__init__(ratio, key_scale=0.5 if shift else 0.0, value_scale=1.0 if shift else 0.0)
         self.model = self.input_ids = None
-    def initial_set(self, ctx):
+    def budgets(self, ctx):
+        """(moved spans, tokens to recompute in each): `coverage`'s split of the budget."""
         spans = list(ctx.moved_spans)
-        counts = split_over_spans([s.length for s in spans], budget_tokens(ctx.num_moved, self.recompute_ratio))
+        return spans, split_over_spans([s.length for s in spans], budget_tokens(ctx.num_moved, self.recompute_ratio))
+
+    def layer0(self):
+        """(the text model, its first decoder layer, query heads, key/value heads)."""
         lm = self.model.model.language_model
-        layer = lm.layers[0]
+        text = self.model.config.text_config
+        return lm, lm.layers[0], text.num_attention_heads, text.num_key_value_heads
+
+    def initial_set(self, ctx):
+        spans, counts = self.budgets(ctx)
+        lm, layer, heads, kv = self.layer0()
         attn = layer.self_attn
         fresh = ctx.fresh_indices
         with torch.no_grad():
             x = layer.input_layernorm(lm.embed_tokens(self.input_ids[0, fresh]))[None]
-            heads, kv = self.model.config.text_config.num_attention_heads, self.model.config.text_config.num_key_value_heads
             dim = x.shape[-1] // heads
             q = attn.q_proj(x).view(1, -1, heads, dim).transpose(1, 2)[0]  # [H, nf, D]
             adapter = self.cache.adapter
@@ -73,13 +81,9 @@ class AttentionMass(QueryAware):
     name = "mass-proto"
 
     def initial_set(self, ctx):
-        spans = list(ctx.moved_spans)
-        counts = split_over_spans([s.length for s in spans], budget_tokens(ctx.num_moved, self.recompute_ratio))
-        lm = self.model.model.language_model
-        layer = lm.layers[0]
+        spans, counts = self.budgets(ctx)
+        lm, layer, heads, kv = self.layer0()
         attn = layer.self_attn
-        text = self.model.config.text_config
-        heads, kv = text.num_attention_heads, text.num_key_value_heads
         with torch.no_grad():
             ids = self.input_ids[0, : ctx.num_tokens]
             embeds = lm.embed_tokens(ids).clone()

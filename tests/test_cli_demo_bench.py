@@ -98,13 +98,13 @@ def test_modes_take_turns_so_drift_weighs_on_every_mode_alike(monkeypatch):
     scenario = bench.build_scenarios(processor, bench.SIZES["smoke"], {"a"})[0]
     seeded = bench._seeded_store(model, scenario, processor)
     order: list[str] = []
-    real_request = bench._ModeRunner.request
+    real_request = bench.ModeRunner.request
 
     def recorded(self):
         order.append(self.mode.name)
         return real_request(self)
 
-    monkeypatch.setattr(bench._ModeRunner, "request", recorded)
+    monkeypatch.setattr(bench.ModeRunner, "request", recorded)
     modes = [m for m in bench.MODES if m.name in ("full", "naive", "naive + processor")]
     runs = bench.run_modes(model, scenario, modes, repeats=2, seeded=seeded, measure_memory=False, processor=processor)
     assert order == ["full", "naive", "naive + processor"] * 3  # a warm-up round, then two timed rounds

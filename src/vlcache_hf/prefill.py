@@ -14,7 +14,7 @@ import torch
 
 from .attention import SelectiveAttentionBackend, backend_for, selective_attention_enabled
 from .models import KVLayout, ModelAdapter
-from .reuse import PrefixChunk
+from .reuse import PrefixChunk, block_of
 from .rope import apply_rotation, position_delta
 from .selection import SelectionContext, SelectionPolicy
 from .selection.shift import rotation_table, shift_unrecomputed_rows
@@ -60,10 +60,6 @@ def allocate_buffers(layout: KVLayout, num_tokens: int, device: torch.device, bl
     )
 
 
-def _block_of(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-    return getattr(buffers, "block", None)
-
-
 def fill_prefix(buffers: list[tuple[torch.Tensor, torch.Tensor]], chunks: list[PrefixChunk]) -> None:
     """Copy the exact prefix chunks into their rows: each chunk's text rows from the chunk entry, its image rows
     from the images' exact entries (stored at these very positions: no re-rotation).
@@ -76,7 +72,7 @@ def fill_prefix(buffers: list[tuple[torch.Tensor, torch.Tensor]], chunks: list[P
     for chunk in chunks:
         runs += _text_runs(chunk)
         runs += [(first, entry.kv[:, :, :, offset : offset + last - first]) for first, last, entry, offset in chunk.image_parts]
-    block = _block_of(buffers)
+    block = block_of(buffers)
     if block is not None:
         for first, part in runs:
             block[:, :, 0, :, first : first + part.shape[3]] = to_device(part, block.device)
@@ -136,7 +132,7 @@ def fill_moved(
     else:
         cos, sin = adapter.rotation_cos_sin(kv, delta)
         keys = apply_rotation(kv[:, 0], cos, sin)
-    block = _block_of(buffers)
+    block = block_of(buffers)
     if block is not None:
         block[:, 0, 0, :, start:end] = keys
         block[:, 1, 0, :, start:end] = kv[:, 1]
@@ -204,7 +200,8 @@ def run_layers(
     plans.reset(current)
     counts: list[int] = []
     shift_scales = policy.shift_scales
-    rotation = None  # the shift's rotary table, built on its first use
+    # the shift's rotary table of every prompt position, built once per request
+    rotation = rotation_table(adapter, ctx, embeddings) if shift_scales.get("keys") and ctx.positions is not None else None
     with selective_attention_enabled(attention_config, backend):
         for layer_idx in range(ctx.num_layers):
             if current.numel() == 0:  # nested sets: nothing deeper either
@@ -217,8 +214,6 @@ def run_layers(
                 hidden = hidden + injections[layer_idx][:, current].to(hidden.dtype)
             observation = layer_cache.end_write(layer_idx)
             if shift_scales and observation is not None:  # only moved rows this layer did not recompute
-                if rotation is None and shift_scales.get("keys") and ctx.positions is not None:
-                    rotation = rotation_table(adapter, ctx, layer_cache.keys)
                 shift_unrecomputed_rows(adapter, layer_cache.keys, layer_cache.values, ctx, observation, shift_scales, rotation)
             counts.append(int(current.numel()))
             if layer_idx + 1 == ctx.num_layers:

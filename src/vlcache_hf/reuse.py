@@ -218,10 +218,15 @@ def load_image_kv(store, fingerprint: str, layout: KVLayout, span: ImageSpan, co
     return SpanHit(content, exact=False) if content is not None else None
 
 
+def block_of(layer_buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """The one tensor every layer's buffers are views of (`prefill.LayerBuffers.block`), or None."""
+    return getattr(layer_buffers, "block", None)
+
+
 def gather_kv(layer_buffers: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int) -> torch.Tensor:
     """[num_layers, 2, kv_heads, end - start, head_dim] copy of the cache rows [start, end) (one copy of the block
     when the buffers are views of one, see `gather_rows`; `torch.stack` copies too)."""
-    block = getattr(layer_buffers, "block", None)
+    block = block_of(layer_buffers)
     if block is not None:
         return block[:, :, 0, :, start:end].clone()
     return torch.stack([torch.stack([k[0, :, start:end], v[0, :, start:end]]) for k, v in layer_buffers])
@@ -231,7 +236,7 @@ def gather_rows(layer_buffers: list[tuple[torch.Tensor, torch.Tensor]], rows: to
     """[num_layers, 2, kv_heads, len(rows), head_dim] copy of the cache rows `rows`: one indexing of the block
     when the buffers are views of one (`prefill.LayerBuffers.block`), else two per layer and a stack."""
     index = rows.to(layer_buffers[0][0].device)
-    block = getattr(layer_buffers, "block", None)
+    block = block_of(layer_buffers)
     if block is not None:
         return block[:, :, 0, :, index]
     return torch.stack([torch.stack([k[0, :, index], v[0, :, index]]) for k, v in layer_buffers])

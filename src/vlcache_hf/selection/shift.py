@@ -87,6 +87,8 @@ def shift_unrecomputed_rows(
         raise ValueError(f"unknown shift parts {unknown}; use {SHIFTABLE}")
     if "keys" in parts and ctx.positions is None:
         raise ValueError("shifting keys needs the prompt's positions (SelectionContext.positions)")
+    if not parts:
+        return 0
     index = observation.indices
     shifted = 0
     for span in ctx.moved_spans:
@@ -108,5 +110,5 @@ def shift_unrecomputed_rows(
             unrotated = apply_rotation(deviation, cos[:, picked], -sin[:, picked])
             mean = (scales["keys"] * unrotated.mean(dim=1, keepdim=True)).expand(-1, rows.numel(), -1)
             keys[0][:, rows] += apply_rotation(mean, cos[:, rows], sin[:, rows]).to(keys.dtype)
-        shifted += int(rows.numel()) if parts else 0
+        shifted += int(rows.numel())
     return shifted

@@ -252,7 +252,7 @@ class ModeRun:
     processor_seconds: list[float] = field(default_factory=list)  # "naive + processor": its processor calls
 
 
-class _ModeRunner:
+class ModeRunner:
     """Serves the scenario's target in one mode, one request per `request()` call (a fresh cache and store clone
     each time; HF prefix caching copies its prefix cache). The "naive + processor" mode makes each request with
     `VLCacheProcessor` over `processor`, its call timed apart from the TTFT."""
@@ -287,7 +287,7 @@ def run_modes(
     a machine that slows down or speeds up during the run then weighs on every mode alike, not on the modes
     that happened to run late. Then (with `measure_memory`) one more run per mode, not timed, under
     `peak_memory` (on the CPU it runs under the profiler, which would distort a timing)."""
-    runners = [_ModeRunner(model, scenario, mode, seeded, processor) for mode in modes]
+    runners = [ModeRunner(model, scenario, mode, seeded, processor) for mode in modes]
     times: list[list[float]] = [[] for _ in runners]
     for _ in range(repeats + 1):  # the first round warms up allocators and is dropped
         for runner, taken in zip(runners, times, strict=True):
