@@ -131,3 +131,26 @@ def test_every_family_keeps_exact_requests_exact_and_shifts_moved_images(family,
     changed = sum(int((a.values[0, :, :prompt] != b.values[0, :, :prompt]).any(dim=(0, 2)).sum())
                   for a, b in zip(plain_cache.layers, shifted_cache.layers, strict=True))
     assert 0 < changed  # some moved rows were corrected
+
+
+def test_shifted_rows_never_reach_the_store(models, images):
+    """A moved request publishes what it computed exactly; the rows `coverage-shift` corrected are approximate,
+    so the store must hold byte for byte what `coverage` (no correction) leaves there, and an exact repeat of the
+    first request still equals plain `generate` afterwards."""
+    model, processor = models("qwen2_5_vl")
+    first = toy.chat_inputs(processor, [toy.message("user", images[0], images[1], "What is shown?")])
+    moved = toy.chat_inputs(processor, [toy.message("user", "Now:", images[1], images[0], images[2], "What is shown?")])
+    contents = {}
+    for name in ("coverage", "coverage-shift"):
+        store = CacheStore()
+        greedy(model, first, VLCache(model, store=store))
+        cache = VLCache(model, store=store, policy=name, recompute_ratio=0.1)
+        greedy(model, moved, cache, max_new_tokens=1)
+        assert cache.report.moved_tokens > 0
+        tier = store.tiers[0]
+        contents[name] = {key: tier.get(key).tensors for key in tier.keys()}
+        assert_same_as_plain(model, first, lambda store=store: VLCache(model, store=store))
+    assert contents["coverage"].keys() == contents["coverage-shift"].keys() and len(contents["coverage"]) > 0
+    for key, tensors in contents["coverage"].items():
+        other = contents["coverage-shift"][key]
+        assert tensors.keys() == other.keys() and all(torch.equal(tensors[n], other[n]) for n in tensors), key
