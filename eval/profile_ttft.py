@@ -22,7 +22,15 @@ import torch
 
 from vlcache_hf.compat import with_cache
 from vlcache_hf.tools import toy
-from vlcache_hf.tools.bench import MODES, SIZES, ModeRunner, _on_device, _seeded_store, build_scenarios
+from vlcache_hf.tools.bench import (
+    MODES,
+    NAMED_ONLY_MODES,
+    SIZES,
+    ModeRunner,
+    _on_device,
+    _seeded_store,
+    build_scenarios,
+)
 
 
 def decode_runner(model, inputs, tokens: int):
@@ -81,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         model = toy.build_model(size=size.model, dtype=dtype)
     processor = toy.build_processor(max_pixels=size.image_px * size.image_px, min_pixels=56 * 56)
     wanted = [name.strip() for name in args.modes.split(",")]
-    modes = [mode for mode in MODES if mode.name in wanted]
+    modes = [mode for mode in MODES + NAMED_ONLY_MODES if mode.name in wanted]
     if len(modes) != len(wanted):
-        parser.error(f"--modes: choose from {[m.name for m in MODES]}")
+        parser.error(f"--modes: choose from {[m.name for m in MODES + NAMED_ONLY_MODES]}")
     args.out.mkdir(parents=True, exist_ok=True)
     summary = [f"# Profiles ({args.size}, {args.device}, {dtype})", "", "| scenario | mode | seconds (profiled call) |", "|---|---|---|"]
     for scenario in build_scenarios(processor, size, set(args.scenarios) - {"d"}):

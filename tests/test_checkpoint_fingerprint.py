@@ -18,6 +18,7 @@ from vlcache_hf import CacheStore, UnsupportedModelError, VLCache, VLCacheError
 from vlcache_hf.compat import with_cache
 from vlcache_hf.fingerprint import bind_checkpoint, checkpoint_fingerprint, fingerprint
 from vlcache_hf.models.serving import serving_format
+from vlcache_hf.store.entry import EncoderEntry
 from vlcache_hf.store.keys import ENCODER_KIND, entry_key
 from vlcache_hf.tools import synthetic, toy
 from vlcache_hf.tools.pretrained import default_model_path, load_default
@@ -123,14 +124,50 @@ def test_llava_image_uuids_are_the_keys_generate_writes_under():
     assert fmt.layout("image", {"pixel_values": torch.zeros(3, 56, 42)}) == (56, 42)  # vLLM's item: [C, H, W]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
-def test_tiling_families_are_refused_for_vllm(family):
+def test_llava_next_uuids_are_generates_keys_whatever_the_batch(encoder_counter):
+    """LLaVA-NeXT tiles an image into crops whose number depends on its size, and its processor pads a batch's
+    crops to the largest count. A picture's key is its real crops (as the model trims them before its tower), so
+    it is the same alone or beside a larger picture: the uuid a client computes for it alone is the key generate
+    writes, and the picture is an encoder hit in another batch. vLLM's item (crops padded to its prompt's largest
+    count) gives the layout generate stores."""
+    from vlcache_hf.integrations.vllm import image_uuids
+
+    model, processor = toy.build_model("llava_next"), toy.build_processor("llava_next")
+    wide, tall, square = toy.make_image(7).resize((60, 20)), toy.make_image(8).resize((20, 50)), toy.make_image(9)
+    counts = [processor.image_processor(images=[im], return_tensors="pt")["pixel_values"].shape[1] for im in (wide, tall, square)]
+    assert counts[0] < counts[2]  # the square picture has more crops: it pads the others in a batch
+    store = CacheStore()
+    batch = toy.chat_inputs(processor, [toy.message("user", wide, tall, square, "?")])
+    assert batch["pixel_values"].shape[1] == counts[2]
+    cache = VLCache(model, store=store)
+    model.generate(**batch, **with_cache(model, cache), max_new_tokens=1)
+    uuids = image_uuids(processor, [wide, tall, square], torch.float32)
+    written = {key for tier in store.tiers for key in tier.keys() if key.startswith(ENCODER_KIND)}
+    assert written == {entry_key(ENCODER_KIND, fingerprint(model), uuid) for uuid in uuids} and len(set(uuids)) == 3
+
+    counter = encoder_counter(model)
+    alone = toy.chat_inputs(processor, [toy.message("user", wide, "?")])
+    assert alone["pixel_values"].shape[1] == counts[0]  # no padding alone
+    plain = model.generate(**alone, max_new_tokens=3, do_sample=False)
+    counter.calls = 0
+    cache = VLCache(model, store=CacheStore([store.tiers[0]]), policy="full")
+    reused = model.generate(**alone, **with_cache(model, cache), max_new_tokens=3, do_sample=False)
+    assert torch.equal(plain, reused) and cache.report.encoder_hits == 1 and counter.calls == 0
+
+    fmt = serving_format(model.config)
+    item = {"pixel_values": batch["pixel_values"][0], "image_sizes": batch["image_sizes"][0]}  # vLLM's item
+    stored = EncoderEntry.from_stored(store.get(entry_key(ENCODER_KIND, fingerprint(model), uuids[0])), fingerprint(model),
+                                      model.config.text_config.hidden_size, torch.float32)
+    assert fmt.layout("image", item) == tuple(stored.grid_thw) == (20, 60, counts[0], 3, 56, 56)
+
+
+def test_llava_onevision_is_refused_for_vllm():
     from vlcache_hf.integrations.vllm import image_uuids
 
     with pytest.raises(UnsupportedModelError):
-        serving_format(toy.build_model(family).config)
+        serving_format(toy.build_model("llava_onevision").config)
     with pytest.raises(UnsupportedModelError, match="tiles images"):
-        image_uuids(toy.build_processor(family), [toy.make_image(1)], torch.float32)
+        image_uuids(toy.build_processor("llava_onevision"), [toy.make_image(1)], torch.float32)
 
 
 def test_serving_format_splits_vllm_deepstack_concatenation():

@@ -110,3 +110,40 @@ def test_modes_take_turns_so_drift_weighs_on_every_mode_alike(monkeypatch):
     assert order == ["full", "naive", "naive + processor"] * 3  # a warm-up round, then two timed rounds
     assert [len(run.times) for run in runs] == [2, 2, 2] and len(runs[2].processor_seconds) == 2
     assert runs[1].report.reused_tokens > 0 and runs[2].report.encoder_hits == runs[2].report.images  # served from the store
+
+
+def test_hf_prefix_with_native_gqa_runs_only_when_named_and_forces_it_for_its_requests_only(monkeypatch):
+    """The named-only mode is HF prefix caching with transformers' own switch set during its requests (so its
+    forward over the new text makes no per-group K/V copies); the switch is unset before and after."""
+    import os
+
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
+    from vlcache_hf.tools import bench, toy
+
+    assert "hf-prefix + native GQA" not in [m.name for m in bench.available_modes(None)[0]]
+    modes, _ = bench.available_modes(["hf-prefix", "hf-prefix + native GQA"])
+    assert [m.name for m in modes] == ["hf-prefix", "hf-prefix + native GQA"]
+    model, processor = toy.build_model(), toy.build_processor()
+    scenario = bench.build_scenarios(processor, bench.SIZES["smoke"], {"a"})[0]
+    copies: dict[str, int] = {}
+    original, current = hf_sdpa.repeat_kv, []
+
+    def counted(hidden_states, n_rep):
+        copies[current[-1]] = copies.get(current[-1], 0) + 1
+        return original(hidden_states, n_rep)
+
+    monkeypatch.setattr(hf_sdpa, "repeat_kv", counted)
+    monkeypatch.delenv(bench.FORCE_GQA_VARIABLE, raising=False)
+    for mode in modes:
+        runner = bench.ModeRunner(model, scenario, mode, None)
+        current.append(mode.name)
+        runner.request()
+        assert bench.FORCE_GQA_VARIABLE not in os.environ
+    assert copies.get("hf-prefix", 0) > 0 and copies.get("hf-prefix + native GQA", 0) == 0
+    lines = bench.against_hf_prefix([
+        bench.ModeResult("a-chat", "hf-prefix", {"median": 0.4}),
+        bench.ModeResult("a-chat", "hf-prefix + native GQA", {"median": 0.3}),
+        bench.ModeResult("a-chat", "naive", {"median": 0.32}),
+    ])
+    assert any("native GQA forced" in line and "= 0.94×" in line for line in lines)

@@ -145,7 +145,7 @@ def saved_toy_checkpoint(family: str, directory: Path):
     assert model.config.model_type == family
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         model = _as_published_llava(directory)
     fp = bind_checkpoint(model, directory)
     assert fp == checkpoint_fingerprint(directory, torch.float32)
@@ -232,9 +232,9 @@ def test_qwen3_vl_deepstack_entries_survive_a_vllm_restart_and_match_generate(tm
             assert torch.allclose(a, b, atol=1e-4), "vLLM's DeepStack features were split into the wrong layers"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_next"])
 def test_family_in_the_engine_shares_entries_with_generate_both_ways(tmp_path, family):
-    """Qwen2-VL and LLaVA-1.5 in the real engine (a random-weight toy checkpoint saved here; head_dim 32 for
+    """Qwen2-VL, LLaVA-1.5 and LLaVA-NeXT in the real engine (a random-weight toy checkpoint saved here; head_dim 32 for
     vLLM's CPU attention). Engine 1 sends our content keys as uuids and publishes every picture; engine 2 (a
     restart) loads them all, encodes nothing and answers as engine 1. Then `generate` on that store finds every
     picture (encoder hits, no miss) and answers as plain `generate`; and each entry vLLM wrote holds, under the

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar
@@ -181,14 +182,49 @@ def own_implementation(config: Any) -> str:
 
 
 def _own_attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, Any]:
-    """The model's own attention, as its modeling code would have called it."""
+    """The model's own attention, as its modeling code would have called it (for SDPA on the CPU without its
+    per-group K/V copies: `native_gqa_sdpa`, bitwise the same output)."""
     own = own_implementation(module.config)
     if own == "eager":
         forward = _family_eager_attention(module)
         if forward is None:
             raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in its modeling module")
         return forward(module, query, key, value, attention_mask, **kwargs)
+    if own == "sdpa":
+        output = native_gqa_sdpa(module, query, key, value, attention_mask, **kwargs)
+        if output is not None:
+            return output, None
     return ALL_ATTENTION_FUNCTIONS[own](module, query, key, value, attention_mask, **kwargs)
+
+
+#: arguments of transformers' SDPA path that `native_gqa_sdpa` does not reproduce (it then declines)
+_UNHANDLED_SDPA_ARGUMENTS = ("softcap", "position_bias", "is_causal", "output_attentions")
+
+
+def native_gqa_sdpa(
+    module: torch.nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+) -> torch.Tensor | None:
+    """Transformers' SDPA attention for a masked multi-token query on the CPU, with SDPA's native grouped-query
+    attention instead of copying K/V once per query group (`repeat_kv`), which transformers does whenever a
+    mask is given: for a chat turn's new text over a long cached prompt those copies cost as much as the
+    attention itself. On the CPU both run the same kernel on the same values — bitwise equal outputs, checked in
+    `tests/test_native_gqa.py` over dtypes, head sizes, group counts and mask kinds. None (the caller then runs
+    transformers' own path) wherever that is not the case: no grouped heads, one query (transformers packs
+    the groups itself), no mask (transformers uses native GQA itself), CUDA (native GQA with a mask falls back to
+    the math kernel there), dropout, or an argument this function does not reproduce."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (
+        groups <= 1
+        or query.device.type != "cpu"
+        or query.shape[2] < 2
+        or not isinstance(attention_mask, torch.Tensor)
+        or dropout
+        or key.shape[-1] != value.shape[-1]
+        or any(kwargs.get(name) is not None for name in _UNHANDLED_SDPA_ARGUMENTS)
+    ):
+        return None
+    output = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    return output.transpose(1, 2).contiguous()
 
 
 def own_implementation_mask(**kwargs: Any) -> Any:
@@ -210,26 +246,53 @@ _switch_lock = threading.Lock()
 _switched: dict[int, tuple[str, int]] = {}
 
 
-@contextmanager
-def selective_attention_enabled(attention_config, backend: SelectiveAttentionBackend) -> Iterator[None]:
-    """Route the decoder's attention through `backend` (via `selective_attention`) for the duration of the block.
+def _switch(attention_config) -> str:
+    """Point `attention_config` at `selective_attention`; returns the model's own implementation.
 
-    Counted per config, so prefills overlapping in several threads restore the model's own implementation
+    Counted per config, so switches overlapping in several threads restore the model's own implementation
     when the last one ends (each saving "the previous value" would leave the model switched for good).
     """
     with _switch_lock:
         own, running = _switched.get(id(attention_config), (attention_config._attn_implementation, 0))
         _switched[id(attention_config)] = (own, running + 1)
         attention_config._attn_implementation = SELECTIVE_ATTENTION
+    return own
+
+
+def _switch_back(attention_config) -> None:
+    with _switch_lock:
+        own, running = _switched.pop(id(attention_config))
+        if running > 1:
+            _switched[id(attention_config)] = (own, running - 1)
+        else:
+            attention_config._attn_implementation = own
+
+
+@contextmanager
+def selective_attention_enabled(attention_config, backend: SelectiveAttentionBackend) -> Iterator[None]:
+    """Route the decoder's attention through `backend` (via `selective_attention`) for the duration of the block."""
+    own = _switch(attention_config)
     token, backend_token = _replaced.set(own), _active.set(backend)
     try:
         yield
     finally:
         _active.reset(backend_token)
         _replaced.reset(token)
-        with _switch_lock:
-            own, running = _switched.pop(id(attention_config))
-            if running > 1:
-                _switched[id(attention_config)] = (own, running - 1)
-            else:
-                attention_config._attn_implementation = own
+        _switch_back(attention_config)
+
+
+def native_gqa_forward(attention_config, device: torch.device, owner: object) -> Callable[[], Any] | None:
+    """Route the model's own forward's attention through `_own_attention` until the returned callable is called,
+    so SDPA on the CPU runs without per-group K/V copies (`native_gqa_sdpa`); None when that changes nothing
+    (another implementation or device: nothing is switched).
+
+    The prefill forward of a chat turn computes its new text over the whole cached prompt in one call; the hooks
+    around that forward switch here and back (`hook.py`). The callable switches back once (later calls do
+    nothing), and at the latest when `owner` (the request's cache) is garbage-collected: a forward interrupted by
+    a `KeyboardInterrupt` skips the hook that would have called it. The switch is not tied to a context: any
+    forward of the model meanwhile (another thread's) gets native GQA too, which is bitwise what it computes.
+    """
+    if device.type != "cpu" or own_implementation(attention_config) != "sdpa":
+        return None
+    _switch(attention_config)
+    return weakref.finalize(owner, _switch_back, attention_config)

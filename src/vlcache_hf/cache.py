@@ -183,6 +183,7 @@ class VLCache(Cache):
         self.is_prefilled = False
         self.pending_entries: list[tuple[str, Any]] = []  # encoder entries published once the forward succeeds
         self.pending_kv: Callable[[], None] | None = None  # publishes the request's K/V once the forward succeeds
+        self.forward_attention: Callable[[], Any] | None = None  # switches the attention back after the prefill forward
         super().__init__(layers=[VLCacheLayer() for _ in range(self.adapter.kv_layout.num_layers)])
         hook.install(model)
         encoder.install(self.adapter)
@@ -223,6 +224,7 @@ class VLCache(Cache):
         for name, value in self.__dict__.items():
             clone.__dict__[name] = value if name in self._SHARED else copy.deepcopy(value, memo)
         clone.pending_kv, clone.pending_entries = None, []  # a copy publishes nothing of the original's request
+        clone.forward_attention = None  # nor switches back what the original's forward switched
         return clone
 
     def __repr__(self) -> str:

@@ -65,8 +65,9 @@ def fill_prefix(buffers: list[tuple[torch.Tensor, torch.Tensor]], chunks: list[P
     from the images' exact entries (stored at these very positions: no re-rotation).
 
     With a block (`LayerBuffers.block`) each run of rows is one copy into every layer. Without one, runs of rows
-    that abut are copied together, one concatenation per layer and side: a 4k-token prefix is ~65 chunks, and a
-    copy per chunk, layer and side (~1000 small copies) cost twice the bytes' own copy time.
+    that abut are copied together, one concatenation per layer and side written into the buffer's rows: a
+    4k-token prefix is ~65 chunks, and a copy per chunk, layer and side (~1000 small copies) cost twice the
+    bytes' own copy time.
     """
     runs: list[tuple[int, torch.Tensor]] = []  # (first row, stored K/V [layers, 2, kv_heads, rows, head_dim])
     for chunk in chunks:
@@ -92,10 +93,10 @@ def fill_prefix(buffers: list[tuple[torch.Tensor, torch.Tensor]], chunks: list[P
             views = [part.flatten(0, 1).unbind(0) for _, part in group]
             for layer, (keys, values) in enumerate(buffers):
                 for side, dest in ((0, keys), (1, values)):
-                    # per layer and side: a temporary of a few MiB reuses freed memory (a whole-prefix one
-                    # would be mapped fresh and fault in, as one block for all layers did)
-                    parts = [view[2 * layer + side] for view in views]
-                    dest[0, :, first:last] = to_device(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), device)
+                    parts = [to_device(view[2 * layer + side], device) for view in views]
+                    # one copy straight into the buffer's rows (a concatenation then a copy read and wrote
+                    # every byte twice)
+                    torch.cat(parts, dim=1, out=dest[0, :, first:last])
         group = [run] if run is not None else []
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import VLCacheError
 from .base import ModelAdapter
@@ -64,20 +65,33 @@ class LlavaNextAdapter(LlavaAdapter):
     An image is tiled into a base view plus high-resolution crops chosen from its size, and the projected
     features are packed with an `image_newline` embedding after every row; `get_image_features` returns
     them per image, so the encoder cache stores that packed sequence and reuses it as is. `pixel_values`
-    is [images, max crops, C, H, W] with `image_sizes` [images, 2]: both split by image row.
+    is [images, max crops, C, H, W] (each image's crops, then zeros up to the batch's largest count) with
+    `image_sizes` [images, 2]. Each image is its real crops only, as the model itself trims them before its
+    vision tower: the key of a picture then does not depend on the other pictures of its batch, and a client
+    that processes it alone (`models/serving.py`, for vLLM) computes the same key.
     """
 
     family = "LLaVA-NeXT"
     MODEL_TYPES = ("llava_next",)
     layout_arg = "image_sizes"
 
+    def _num_crops(self, size: list[int]) -> int:
+        """Crops the model's encoder reads for an image of `size` (height, width): its own rule."""
+        config = self.model.config
+        return image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+
     def split_pixels(self, pixel_values: torch.Tensor, layout: torch.Tensor | None) -> list[torch.Tensor]:
+        """Per image its real crops [crops, C, H, W], batch padding dropped."""
         if layout is None:
             raise VLCacheError("LLaVA-NeXT pixel_values need their image_sizes; pass the processor's full output")
-        return list(pixel_values.split(1))
+        crops = [self._num_crops(size) for size in layout.tolist()]
+        if pixel_values.dim() == 4:  # crops of all images concatenated, as the encoder also accepts
+            return list(pixel_values.split(crops))
+        return [row[:n] for row, n in zip(pixel_values, crops, strict=True)]
 
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
-        return [(*(int(x) for x in size), *(int(x) for x in p.shape[1:])) for size, p in zip(layout.tolist(), pixels, strict=True)]
+        """(height, width, crops, C, H, W) per image."""
+        return [(*(int(x) for x in size), *(int(x) for x in p.shape)) for size, p in zip(layout.tolist(), pixels, strict=True)]
 
     def layout_kwargs(self, layouts: list[tuple[int, ...]], device: torch.device) -> dict[str, torch.Tensor]:
         return {"image_sizes": torch.tensor([layout[:2] for layout in layouts], dtype=torch.long, device=device)}

@@ -12,11 +12,13 @@ three things must agree, and each is a family quirk, so it lives here:
 - the **item key** a client sends as vLLM's `multi_modal_uuids`: the same content key `encoder.item_keys`
   computes in `generate` (preprocessed pixels in the vision tower's dtype, layout, modality).
 
-Supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-1.5. LLaVA-1.5's key also covers generate-time encoder
-options (`vision_feature_layer`, `vision_feature_select_strategy`); vLLM applies the config's, which is what
-`generate` uses when it is given none, so the keys agree for a `generate` called without them (one called with
-other options keys, and misses, apart). LLaVA-NeXT and LLaVA-OneVision tile an image into views whose number
-depends on its size; they are not mapped yet.
+Supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-1.5 and LLaVA-NeXT. The LLaVA keys also cover generate-time
+encoder options (`vision_feature_layer`, `vision_feature_select_strategy`); vLLM applies the config's, which is
+what `generate` uses when it is given none, so the keys agree for a `generate` called without them (one called
+with other options keys, and misses, apart). LLaVA-NeXT tiles an image into a number of crops that depends on its
+size; its layout is (height, width, crops, C, H, W), the crops counted by the model's own rule
+(`image_size_to_num_patches`), so padding a batch adds to neither key nor layout. LLaVA-OneVision is not mapped:
+its images are tiled or not depending on how many share the prompt.
 """
 
 from __future__ import annotations
@@ -26,14 +28,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import UnsupportedModelError, VLCacheError
 from ..store.keys import item_key
 
 #: model types (config.model_type) whose vLLM items map onto our encoder entries
-SERVING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+SERVING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next")
 #: families whose items are one fixed-size view each, laid out by its (height, width)
 _FIXED_VIEW_MODEL_TYPES = ("llava",)
+#: families whose items are an image's crops, laid out by (height, width, crops, C, H, W)
+_TILED_MODEL_TYPES = ("llava_next",)
+
+
+def _field_data(item: Mapping[str, Any], name: str) -> torch.Tensor | None:
+    field = item.get(name)
+    data = getattr(field, "data", field)
+    return None if data is None else torch.as_tensor(data)
 
 
 @dataclass(frozen=True)
@@ -43,15 +54,23 @@ class ServingFormat:
     model_type: str
     hidden_size: int  # width of one embedding row (the language model's hidden size)
     deepstack_layers: int  # extra feature sets vLLM appends on the last dimension (Qwen3-VL), else 0
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # tiled families: the resolutions an image is tiled to
+    tile_size: int = 0  # tiled families: the side of one crop (the vision tower's image size)
 
     def layout(self, modality: str, item: Mapping[str, Any] | None) -> tuple[int, ...] | None:
         """The item's layout from vLLM's processed item (None when vLLM did not keep the item's data)."""
         if item is None:
             return None
         if self.model_type in _FIXED_VIEW_MODEL_TYPES:  # the view's pixels [channels, height, width]
-            field = item.get("pixel_values")
-            data = getattr(field, "data", field)
-            return None if data is None else tuple(int(x) for x in torch.as_tensor(data).shape[-2:])
+            data = _field_data(item, "pixel_values")
+            return None if data is None else tuple(int(x) for x in data.shape[-2:])
+        if self.model_type in _TILED_MODEL_TYPES:  # its crops [crops (+ batch padding), C, H, W] and (height, width)
+            pixels, sizes = _field_data(item, "pixel_values"), _field_data(item, "image_sizes")
+            if pixels is None or sizes is None:
+                return None
+            size = [int(x) for x in sizes.reshape(-1).tolist()]
+            crops = image_size_to_num_patches(size, [list(p) for p in self.grid_pinpoints], self.tile_size)
+            return (*size, crops, *(int(x) for x in pixels.shape[-3:]))
         field = item.get(f"{modality}_grid_thw")
         data = getattr(field, "data", field)
         if data is None:
@@ -86,6 +105,9 @@ def serving_format(config: Any) -> ServingFormat:
     text = getattr(config, "text_config", config)
     vision = getattr(config, "vision_config", None)
     deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+    if model_type in _TILED_MODEL_TYPES:
+        pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+        return ServingFormat(model_type, int(text.hidden_size), deepstack, pinpoints, int(vision.image_size))
     return ServingFormat(model_type, int(text.hidden_size), deepstack)
 
 
@@ -93,9 +115,18 @@ def processed_item_keys(processor: Any, images: Sequence[Any], dtype: torch.dtyp
     """The content key of each image as `generate` keys it (`encoder.item_keys`), from the Hugging Face
     processor alone: the image processor's pixels of each image, cast to the vision tower's `dtype`, with their
     layout — Qwen's pixel rows and grid, LLaVA-1.5's one view [1, channels, height, width] and its (height,
-    width). Both image processors handle each image on its own, so keys do not depend on the batch."""
+    width), LLaVA-NeXT's crops [crops, C, H, W] and (height, width, crops, C, H, W). Each image is processed
+    as it would be alone (LLaVA-NeXT's processor pads a batch's crops; one image has no padding), so keys do
+    not depend on the batch."""
     if modality != "image":
         raise VLCacheError("only image keys can be computed without the model so far")
+    if type(processor.image_processor).__name__.startswith("LlavaNext"):
+        keys = []
+        for image in images:
+            one = processor.image_processor(images=[image], return_tensors="pt")
+            crops, size = one["pixel_values"][0], [int(x) for x in one["image_sizes"][0].tolist()]
+            keys.append(item_key(crops, (*size, *crops.shape), modality, dtype))
+        return keys
     out = processor.image_processor(images=list(images), return_tensors="pt")
     pixels = out["pixel_values"]
     if "image_grid_thw" in out:
@@ -105,6 +136,6 @@ def processed_item_keys(processor: Any, images: Sequence[Any], dtype: torch.dtyp
     if "image_sizes" not in out and pixels.ndim == 4:  # one fixed-size view per image (LLaVA-1.5)
         return [item_key(view, tuple(view.shape[-2:]), modality, dtype) for view in pixels.split(1)]
     raise UnsupportedModelError(
-        f"{type(processor.image_processor).__name__} tiles images into views (LLaVA-NeXT, LLaVA-OneVision): "
+        f"{type(processor.image_processor).__name__} tiles images depending on the prompt (LLaVA-OneVision): "
         f"keys for vLLM are computed for {', '.join(SERVING_MODEL_TYPES)} only"
     )

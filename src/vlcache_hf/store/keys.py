@@ -35,8 +35,12 @@ def update_parts(hasher: Any, parts: Iterable[Bytes | str]) -> None:
 
 
 def digest(*parts: Bytes | str) -> str:
-    """blake3 hex digest of the parts, each length-prefixed (`update_parts`)."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    """blake3 hex digest of the parts, each length-prefixed (`update_parts`).
+
+    It hashes on as many threads as torch computes on (`torch.get_num_threads()`, which `OMP_NUM_THREADS` sets):
+    pixels are hashed on the request path, just before the model's forward, with the same cores at hand; one
+    thread per logical CPU would compete with itself where the process is held to fewer cores."""
+    hasher = blake3.blake3(max_threads=max(1, torch.get_num_threads()))
     update_parts(hasher, parts)
     return hasher.hexdigest()
 

@@ -102,7 +102,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed repeats per mode after a warm-up (default: the size's, 3; 1 is noise)")
     parser.add_argument("--scenarios", default="abcd", help="subset of a,b,c,d")
     parser.add_argument("--modes", default=None, help="comma-separated mode names, e.g. 'hf-prefix,naive,naive + processor' "
-                        "(default: all available)")
+                        "(default: all available; 'hf-prefix + native GQA' runs only when named)")
     parser.add_argument("--sweep", action="store_true", help="also sweep images, tokens per image and budget")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
