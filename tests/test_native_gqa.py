@@ -65,6 +65,22 @@ def test_native_gqa_declines_what_transformers_does_otherwise():
     assert native_gqa_sdpa(grouped, query, key, key, mask, dropout=0.1) is None
     assert native_gqa_sdpa(grouped, query, key, key, mask, softcap=30.0) is None
     assert native_gqa_sdpa(grouped, query, key, key, mask, position_bias=torch.zeros(1, 4, 3, 5)) is None
+    assert native_gqa_sdpa(SimpleNamespace(), query[:, :2], key, key, mask) is None  # a module that groups no heads
+
+
+def test_an_argument_native_gqa_does_not_reproduce_goes_to_transformers_own_sdpa():
+    """Under the switched config the model's own SDPA path still sees every argument: transformers refuses a
+    softcap, so the call must reach it (native GQA would silently drop it)."""
+    from vlcache_hf.attention import _own_attention
+
+    config = SimpleNamespace(_attn_implementation="sdpa")
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, config=config)
+    query, key = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16)
+    mask = torch.ones(3, 5, dtype=torch.bool).tril(2)[None, None]
+    output, _ = _own_attention(module, query, key, key, mask, dropout=0.0, scaling=0.25)
+    assert torch.equal(output, hf_sdpa.sdpa_attention_forward(module, query, key, key, mask, scaling=0.25)[0])
+    with pytest.raises(ValueError, match="softcap"):
+        _own_attention(module, query, key, key, mask, dropout=0.0, scaling=0.25, softcap=30.0)
 
 
 class RepeatKVCalls:
