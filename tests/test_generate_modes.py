@@ -92,3 +92,22 @@ def test_forward_with_labels_gives_the_plain_loss(models, images):
     assert torch.isfinite(plain.loss) and (plain.loss - ours.loss).abs() < 1e-5
     assert ours.logits.shape == plain.logits.shape
     assert "labels" in cache.report.fallback
+
+
+@pytest.mark.parametrize("keep", ["all", "length", "tensor"])
+def test_a_forward_asking_for_every_logit_gets_the_plain_forwards(models, images, keep):
+    """`logits_to_keep` = 0 (all), ≥ the prompt's length, or an index tensor reads logits of positions the
+    selective prefill never computes: such a forward runs as the model's own, on a warm store too."""
+    model, processor = models("qwen2_5_vl")
+    inputs = request(processor, images, "Every logit:", [5])
+    length = inputs["input_ids"].shape[1]
+    value = {"all": 0, "length": length, "tensor": torch.arange(length)}[keep]
+    store = CacheStore()
+    greedy(model, inputs, VLCache(model, store=store), max_new_tokens=1)  # the prompt's K/V is stored
+    with torch.no_grad():
+        plain = model(**inputs, logits_to_keep=value).logits
+        cache = VLCache(model, store=store)
+        ours = model(**inputs, logits_to_keep=value, **with_cache(model, cache)).logits
+    assert ours.shape == plain.shape == (1, length, plain.shape[-1])
+    assert (plain - ours).abs().max() < 1e-4
+    assert "logits_to_keep" in cache.report.fallback and cache.report.reused_tokens == 0
