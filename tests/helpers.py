@@ -21,6 +21,23 @@ class EncoderCounter:
         self._handle.remove()
 
 
+class RepeatKVCalls:
+    """Counts transformers' `repeat_kv` calls, the per-group K/V copies of its SDPA path (it still runs: observed,
+    not replaced)."""
+
+    def __init__(self, monkeypatch):
+        import transformers.integrations.sdpa_attention as hf_sdpa
+
+        self.calls = 0
+        original = hf_sdpa.repeat_kv
+
+        def counted(hidden_states, n_rep):
+            self.calls += 1
+            return original(hidden_states, n_rep)
+
+        monkeypatch.setattr(hf_sdpa, "repeat_kv", counted)
+
+
 def greedy(model, inputs, cache=None, max_new_tokens: int = 6, **kwargs):
     """generate with scores, optionally through a cache."""
     extra = with_cache(model, cache)

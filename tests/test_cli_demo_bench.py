@@ -117,7 +117,7 @@ def test_hf_prefix_with_native_gqa_runs_only_when_named_and_forces_it_for_its_re
     forward over the new text makes no per-group K/V copies); the switch is unset before and after."""
     import os
 
-    import transformers.integrations.sdpa_attention as hf_sdpa
+    from helpers import RepeatKVCalls
 
     from vlcache_hf.tools import bench, toy
 
@@ -126,19 +126,13 @@ def test_hf_prefix_with_native_gqa_runs_only_when_named_and_forces_it_for_its_re
     assert [m.name for m in modes] == ["hf-prefix", "hf-prefix + native GQA"]
     model, processor = toy.build_model(), toy.build_processor()
     scenario = bench.build_scenarios(processor, bench.SIZES["smoke"], {"a"})[0]
-    copies: dict[str, int] = {}
-    original, current = hf_sdpa.repeat_kv, []
-
-    def counted(hidden_states, n_rep):
-        copies[current[-1]] = copies.get(current[-1], 0) + 1
-        return original(hidden_states, n_rep)
-
-    monkeypatch.setattr(hf_sdpa, "repeat_kv", counted)
+    counter, copies = RepeatKVCalls(monkeypatch), {}
     monkeypatch.delenv(bench.FORCE_GQA_VARIABLE, raising=False)
     for mode in modes:
         runner = bench.ModeRunner(model, scenario, mode, None)
-        current.append(mode.name)
+        counter.calls = 0
         runner.request()
+        copies[mode.name] = counter.calls
         assert bench.FORCE_GQA_VARIABLE not in os.environ
     assert copies.get("hf-prefix", 0) > 0 and copies.get("hf-prefix + native GQA", 0) == 0
     lines = bench.against_hf_prefix([

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
-from helpers import greedy
+from helpers import RepeatKVCalls, greedy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
@@ -81,20 +81,6 @@ def test_an_argument_native_gqa_does_not_reproduce_goes_to_transformers_own_sdpa
     assert torch.equal(output, hf_sdpa.sdpa_attention_forward(module, query, key, key, mask, scaling=0.25)[0])
     with pytest.raises(ValueError, match="softcap"):
         _own_attention(module, query, key, key, mask, dropout=0.0, scaling=0.25, softcap=30.0)
-
-
-class RepeatKVCalls:
-    """Counts transformers' `repeat_kv` calls (it still runs: observed, not replaced)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = hf_sdpa.repeat_kv
-
-        def counted(hidden_states, n_rep):
-            self.calls += 1
-            return original(hidden_states, n_rep)
-
-        monkeypatch.setattr(hf_sdpa, "repeat_kv", counted)
 
 
 def _chat(processor, image, answer: str | None):

@@ -17,6 +17,15 @@ from ..errors import VLCacheError
 from .base import ModelAdapter
 
 
+def split_real_crops(pixel_values: torch.Tensor, crops: list[int]) -> list[torch.Tensor]:
+    """Per image its first `crops[i]` crops [crops, C, H, W] (what the model's encoder reads), from a batch's
+    `pixel_values`: [images, max crops, C, H, W] padded to the batch's largest count, or every image's crops
+    concatenated [total crops, C, H, W], as the encoder also accepts."""
+    if pixel_values.dim() == 4:
+        return list(pixel_values.split(crops))
+    return [row[:n] for row, n in zip(pixel_values, crops, strict=True)]
+
+
 class LlavaAdapter(ModelAdapter):
     """Adapter for `LlavaForConditionalGeneration` (LLaVA-1.5 layout)."""
 
@@ -84,10 +93,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """Per image its real crops [crops, C, H, W], batch padding dropped."""
         if layout is None:
             raise VLCacheError("LLaVA-NeXT pixel_values need their image_sizes; pass the processor's full output")
-        crops = [self._num_crops(size) for size in layout.tolist()]
-        if pixel_values.dim() == 4:  # crops of all images concatenated, as the encoder also accepts
-            return list(pixel_values.split(crops))
-        return [row[:n] for row, n in zip(pixel_values, crops, strict=True)]
+        return split_real_crops(pixel_values, [self._num_crops(size) for size in layout.tolist()])
 
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
         """(height, width, crops, C, H, W) per image."""

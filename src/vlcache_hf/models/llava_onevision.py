@@ -26,7 +26,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from ..errors import VLCacheError
 from .base import Modality
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, split_real_crops
 
 #: columns of an image's layout row: original height, original width, tiled (1) or base view only (0)
 _HEIGHT, _WIDTH, _TILED = 0, 1, 2
@@ -93,10 +93,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         """Per image its real crops [crops, C, H, W] (batch padding dropped); per video its row [1, frames, C, H, W]."""
         if layout is None:
             return list(pixel_values.split(1))
-        crops = [self._num_crops(row) for row in layout.tolist()]
-        if pixel_values.dim() == 4:  # crops of all images concatenated, as the encoder also accepts
-            return list(pixel_values.split(crops))
-        return [row[:n] for row, n in zip(pixel_values, crops, strict=True)]
+        return split_real_crops(pixel_values, [self._num_crops(row) for row in layout.tolist()])
 
     def image_layouts(self, pixels: list[torch.Tensor], layout: torch.Tensor | None) -> list[tuple[int, ...]]:
         """Images: (height, width, tiled, crops, C, H, W); videos: (frames, C, H, W)."""

@@ -90,6 +90,9 @@ def shift_unrecomputed_rows(
     if not parts:
         return 0
     index = observation.indices
+    # deviations of every recomputed row, once per layer: [kv_heads, recomputed, head_dim]
+    value_deviation = (observation.new_values - observation.old_values)[0] if "values" in parts else None
+    key_deviation = (observation.new_keys - observation.old_keys)[0] if "keys" in parts else None
     shifted = 0
     for span in ctx.moved_spans:
         inside = (index >= span.start) & (index < span.end)
@@ -99,12 +102,12 @@ def shift_unrecomputed_rows(
         rows = rows[~torch.isin(rows, index)]
         if rows.numel() == 0:
             continue
-        if "values" in parts:
-            deviation = (observation.new_values - observation.old_values)[0][:, inside].float().mean(dim=1, keepdim=True)
+        if value_deviation is not None:
+            deviation = value_deviation[:, inside].float().mean(dim=1, keepdim=True)
             values[0][:, rows] += (scales["values"] * deviation).to(values.dtype)
-        if "keys" in parts:
+        if key_deviation is not None:
             picked = index[inside]
-            deviation = (observation.new_keys - observation.old_keys)[0][:, inside].float()  # [kv_heads, n, head_dim]
+            deviation = key_deviation[:, inside].float()  # [kv_heads, n, head_dim]
             cos, sin = rotation if rotation is not None else rotation_table(adapter, ctx, deviation)
             # R(-p) is R(p) with sin negated: the rotary angles of every axis change sign together
             unrotated = apply_rotation(deviation, cos[:, picked], -sin[:, picked])
